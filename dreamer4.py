@@ -1,0 +1,814 @@
+"""Dreamer 4, compact: "Training Agents Inside of Scalable World Models" (Hafner, Yan, Lillicrap, 2025).
+
+One file, read top to bottom like the paper's appendix:
+  1. configuration, presets and the command line shared by the stage scripts
+  2. small utilities (errors, devices, loss normalization, PSNR)
+  3. the block-causal transformer (paper Sec. 3.1; SPEC Sec. 1)
+  4. the causal tokenizer, a masked autoencoder (Eq. 5; SPEC Sec. 2)
+  5. environments, action binning, online collection and the episode dataset
+  6. checkpoints, metrics and videos
+Equation numbers are the paper's; "SPEC" is ../shared/SPEC.md. Choices the paper leaves open are marked (ours).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# ==================================================================================================================
+# 1. Configuration, presets and the common command line
+# ==================================================================================================================
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    """Every setting of every stage. Field defaults are the `default` preset (one workstation GPU, 96x96)."""
+    # run
+    env: str = arg("CarRacing-v3", "gymnasium environment id (pixel observations, or rendered with rgb_array)")
+    run_dir: str = arg("runs/carracing", "directory every stage of one run reads and writes")
+    preset: str = arg("default", "tiny (seconds, for tests) | small (2-core CPU) | default (one GPU, 96x96)")
+    device: str = arg("auto", "auto | cpu | cuda")
+    seed: int = arg(0, "seed for the environments, sampling and initialization")
+    wandb: str = arg("offline", "online | offline | disabled (wandb is not imported when disabled)")
+    resume: bool = arg(False, "continue from the checkpoint in --run-dir instead of starting fresh")
+    mae_steps: int = arg(50_000, "tokenizer training steps (--steps in train_mae.py)")
+    # environment and data
+    image_size: int = arg(96, "observations are resized to image_size x image_size with cv2.INTER_AREA")
+    action_repeat: int = arg(2, "repeat each action this many env steps, summing rewards (ours)")
+    zoom_skip: int = arg(50, "no-op steps after reset in CarRacing envs, skipping the zoom-in; ignored for others")
+    max_episode_steps: int = arg(0, "time limit in env steps; 0 keeps the environment's own. Short episodes mean "
+                                    "more tracks per frame collected, which the tokenizer needs to generalize")
+    action_bins: int = arg(33, "bins per continuous action dimension, evenly spaced over its bounds, both ends "
+                               "included (ours: 33 makes the midpoint exact)")
+    collect_frames: int = arg(100_000, "frames of random-policy experience collected before training")
+    num_envs: int = arg(0, "parallel environments for collection; 0 means one per CPU core")
+    holdout_every: int = arg(10, "every n-th episode (starting with the first) is held out for evaluation")
+    # transformer (shared by tokenizer and dynamics)
+    time_every: int = arg(4, "every n-th block attends over time (causal); the others over space")
+    mlp_ratio: float = arg(8 / 3, "SwiGLU hidden width as a multiple of the model width")
+    softcap: float = arg(0.0, "attention-logit soft cap (paper: 50); >0 leaves SDPA for an explicit, slower path")
+    checkpointing: bool = arg(True, "activation checkpointing per block (saves memory, costs ~30%% compute)")
+    # tokenizer (SPEC Sec. 2)
+    patch_size: int = arg(8, "square patch side in pixels")
+    tok_dim: int = arg(512, "tokenizer width")
+    tok_heads: int = arg(8, "tokenizer query heads")
+    tok_kv_heads: int = arg(4, "tokenizer key/value heads (grouped-query attention)")
+    tok_enc_layers: int = arg(8, "tokenizer encoder blocks")
+    tok_dec_layers: int = arg(8, "tokenizer decoder blocks")
+    num_latents: int = arg(64, "latent tokens per frame (N_latent)")
+    latent_dim: int = arg(32, "bottleneck width per latent token (D_latent), squashed by tanh")
+    max_mask_prob: float = arg(0.9, "MAE: per frame p ~ U(0, max_mask_prob) of the patches are masked")
+    lpips_weight: float = arg(0.0, "weight of the LPIPS term (paper: 0.2); needs the lpips package; 0 = off")
+    # optimization
+    batch_size: int = arg(32, "sequences per batch")
+    seq_len: int = arg(8, "frames per training sequence")
+    lr: float = arg(3e-4, "AdamW learning rate (after a linear warm-up)")
+    warmup_steps: int = arg(1000, "linear learning-rate warm-up steps")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "gradient-norm clipping")
+    eval_every: int = arg(2000, "evaluate (held-out PSNR, video) every n steps")
+    save_every: int = arg(1000, "write the checkpoint every n steps (and always at the end or on Ctrl-C)")
+    eval_sequences: int = arg(64, "held-out sequences per evaluation")
+
+
+PRESETS = {
+    "tiny": dict(image_size=32, collect_frames=320, max_episode_steps=200, zoom_skip=4, holdout_every=2,
+                 checkpointing=False, patch_size=8, tok_dim=32, tok_heads=2, tok_kv_heads=1, tok_enc_layers=2,
+                 tok_dec_layers=2, num_latents=4, latent_dim=8, batch_size=4, seq_len=4, lr=1e-3, warmup_steps=5,
+                 mae_steps=20, eval_every=10, save_every=10, eval_sequences=4),
+    "small": dict(image_size=64, collect_frames=10_000, max_episode_steps=300, checkpointing=False, patch_size=8, tok_dim=128, tok_heads=4,
+                  tok_kv_heads=2, tok_enc_layers=4, tok_dec_layers=4, num_latents=16, latent_dim=16,
+                  batch_size=16, seq_len=4, lr=1e-3, warmup_steps=100, mae_steps=1000, eval_every=250,
+                  save_every=250, eval_sequences=32),
+    "default": dict(),
+}
+STAGE_STEPS = {"mae": "mae_steps"}   # which field `--steps` sets in each stage script
+
+
+class ConfigError(Exception):
+    """A problem with the user's input (flags, files, env id): reported as one line, exit status 2."""
+
+
+def parse_config(stage, description, argv=None):
+    """The common CLI: every Config field is a flag; the preset fills what the command line leaves out."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=argparse.SUPPRESS,
+                        help=f"training steps of this stage (sets --{STAGE_STEPS[stage].replace('_', '-')})")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        by_preset = {name: p[f.name] for name, p in PRESETS.items() if f.name in p}
+        help = f.metadata["help"] + (f" (default {f.default}" + "".join(f"; {k} {v:g}" if isinstance(v, float)
+                                     else f"; {k} {v}" for k, v in by_preset.items()) + ")")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+        else:
+            choices = {"preset": list(PRESETS), "device": ["auto", "cpu", "cuda"],
+                       "wandb": ["online", "offline", "disabled"]}.get(f.name)
+            parser.add_argument(flag, type=f.type, default=argparse.SUPPRESS, choices=choices, help=help)
+    given = vars(parser.parse_args(argv))
+    if "steps" in given:
+        given[STAGE_STEPS[stage]] = given.pop("steps")
+    preset = given.get("preset", Config.preset)
+    return Config(**{**PRESETS[preset], **given})
+
+
+def run_cli(main):
+    """Run a stage script's main(); user errors become one line on stderr and exit status 2."""
+    try:
+        main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ==================================================================================================================
+# 2. Small utilities
+# ==================================================================================================================
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full precision on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+class LossNormalizer(nn.Module):
+    """Divides each loss term by a running estimate of its root mean square (EMA of loss^2), so that terms of
+    different scale share one optimizer (SPEC Sec. 0). The estimates are saved with the module's state_dict."""
+
+    def __init__(self, decay=0.95):
+        super().__init__()
+        self.decay = decay
+        self.mean_squares = {}
+
+    def forward(self, losses):
+        total = 0.0
+        for name, loss in losses.items():
+            square = loss.detach().float() ** 2
+            previous = self.mean_squares.get(name)
+            self.mean_squares[name] = square if previous is None else self.decay * previous + (1 - self.decay) * square
+            total = total + loss / self.mean_squares[name].sqrt().clamp_min(1e-8)
+        return total
+
+    def get_extra_state(self):
+        return {name: value.item() for name, value in self.mean_squares.items()}
+
+    def set_extra_state(self, state):
+        self.mean_squares = {name: torch.tensor(value) for name, value in state.items()}
+
+
+def psnr(prediction, target):
+    """Peak signal-to-noise ratio in dB for images in [0, 1], averaged over frames. (B, T, C, H, W) -> scalar."""
+    mse = ((prediction.clamp(0, 1) - target) ** 2).flatten(2).mean(-1)
+    return (-10 * torch.log10(mse.clamp_min(1e-10))).mean()
+
+
+# ==================================================================================================================
+# 3. Block-causal transformer (SPEC Sec. 1)
+#    Tokens are laid out (B, T, S, D). Space blocks attend within one frame under a modality mask; every
+#    `time_every`-th block attends causally over time, each spatial slot to its own past (RoPE over time).
+# ==================================================================================================================
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, ratio):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.gate_and_value = nn.Linear(dim, 2 * hidden, bias=False)
+        self.out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        gate, value = self.gate_and_value(x).chunk(2, dim=-1)
+        return self.out(F.silu(gate) * value)
+
+
+def rope(x, positions, base=10_000.0):
+    """Rotary position embedding over the sequence axis. x: (N, H, L, hd); positions: (L,) time indices."""
+    half = x.shape[-1] // 2
+    frequencies = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * frequencies[None]   # (L, hd/2)
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def softcapped_attention(q, k, v, mask, causal, cap):
+    """Explicit attention with logits squashed to cap * tanh(logits / cap) (paper); SDPA cannot do this."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    logits = cap * torch.tanh(logits / cap)
+    if causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return logits.softmax(dim=-1) @ v
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with QK-norm. Runs on (N, L, D) sequences; the block decides what N and L are."""
+
+    def __init__(self, dim, heads, kv_heads, softcap):
+        super().__init__()
+        assert dim % heads == 0 and heads % kv_heads == 0, "dim must split into heads, heads into kv groups"
+        self.heads, self.kv_heads, self.head_dim, self.softcap = heads, kv_heads, dim // heads, softcap
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+
+    def forward(self, x, mask=None, causal=False, positions=None):
+        n, length, dim = x.shape
+        q = self.to_q(x).view(n, length, self.heads, self.head_dim).transpose(1, 2)              # (N, H, L, hd)
+        k, v = self.to_kv(x).view(n, length, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (N, KV, L, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if positions is not None:
+            q, k = rope(q, positions), rope(k, positions)
+        if self.softcap > 0:
+            out = softcapped_attention(q, k, v, mask, causal, self.softcap)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return self.to_out(out.transpose(1, 2).reshape(n, length, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block attending either over space (within a frame) or over time (causal)."""
+
+    def __init__(self, dim, heads, kv_heads, cfg, over_time):
+        super().__init__()
+        self.over_time = over_time
+        self.attn_norm, self.mlp_norm = RMSNorm(dim), RMSNorm(dim)
+        self.attn = Attention(dim, heads, kv_heads, cfg.softcap)
+        self.mlp = SwiGLU(dim, cfg.mlp_ratio)
+
+    def forward(self, x, space_mask):
+        b, t, s, d = x.shape                                                # (B, T, S, D)
+        h = self.attn_norm(x)
+        if self.over_time:
+            h = h.transpose(1, 2).reshape(b * s, t, d)                      # (B*S, T, D)
+            h = self.attn(h, causal=True, positions=torch.arange(t, device=x.device))
+            h = h.view(b, s, t, d).transpose(1, 2)                          # (B, T, S, D)
+        else:
+            h = self.attn(h.reshape(b * t, s, d), mask=space_mask).view(b, t, s, d)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Stack of space blocks with a causal time block every `time_every` blocks (at least one), final RMSNorm."""
+
+    def __init__(self, dim, depth, heads, kv_heads, cfg):
+        super().__init__()
+        period = min(cfg.time_every, depth)
+        self.blocks = nn.ModuleList(Block(dim, heads, kv_heads, cfg, over_time=(i + 1) % period == 0)
+                                    for i in range(depth))
+        self.norm = RMSNorm(dim)
+        self.checkpointing = cfg.checkpointing
+
+    def forward(self, x, space_mask):
+        for block in self.blocks:
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, space_mask, use_reentrant=False)
+            else:
+                x = block(x, space_mask)
+        return self.norm(x)
+
+
+def space_mask(groups, may_see):
+    """(S, S) bool attention mask for one frame, True where the query token (row) may attend to the key token
+    (column). `groups` maps each modality to its token count, in layout order; `may_see` maps each modality to
+    the modalities it attends to."""
+    names = [name for name, count in groups.items() for _ in range(count)]
+    return torch.tensor([[key in may_see[query] for key in names] for query in names])
+
+
+# ==================================================================================================================
+# 4. Causal tokenizer (Eq. 5; SPEC Sec. 2)
+#    Encoder tokens per frame: [patches | latents]; latents see everything, patches only patches.
+#    Decoder tokens per frame: [latents | readouts]; readouts see latents and readouts, latents only latents.
+#    Both are causal in time. The bottleneck is tanh(linear(latent outputs)): z_t of shape (N_latent, D_latent).
+#    Pixels are standardized per position with the training frames' mean and std (ours, see set_pixel_statistics);
+#    the decoder predicts standardized pixels, mapped back before the pixel-space MSE.
+# ==================================================================================================================
+class Tokenizer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of --patch-size {cfg.patch_size}")
+        self.image_size, self.patch_size, self.max_mask_prob = cfg.image_size, cfg.patch_size, cfg.max_mask_prob
+        self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.num_latents = cfg.num_latents
+        dim, patch_dim = cfg.tok_dim, 3 * cfg.patch_size ** 2
+        embedding = lambda *shape: nn.Parameter(torch.randn(*shape) * 0.02)  # noqa: E731
+        # encoder
+        self.patch_in = nn.Linear(patch_dim, dim)
+        self.patch_space = embedding(self.num_patches, dim)     # learned space embedding per patch slot
+        self.mask_token = embedding(dim)                         # replaces masked patches (MAE)
+        self.latent_tokens = embedding(cfg.num_latents, dim)     # learned latent tokens, one per latent slot
+        self.encoder = Transformer(dim, cfg.tok_enc_layers, cfg.tok_heads, cfg.tok_kv_heads, cfg)
+        self.to_latent = nn.Linear(dim, cfg.latent_dim)
+        # decoder
+        self.from_latent = nn.Linear(cfg.latent_dim, dim)
+        self.latent_space = embedding(cfg.num_latents, dim)
+        self.readout_tokens = embedding(self.num_patches, dim)  # learned patch-readout tokens, one per patch slot
+        self.decoder = Transformer(dim, cfg.tok_dec_layers, cfg.tok_heads, cfg.tok_kv_heads, cfg)
+        self.to_pixels = nn.Linear(dim, patch_dim)
+        side = cfg.image_size
+        self.register_buffer("pixel_mean", torch.full((3, side, side), 0.5))   # saved with the model
+        self.register_buffer("pixel_std", torch.full((3, side, side), 0.5))
+        self.register_buffer("encoder_mask", space_mask(
+            {"patch": self.num_patches, "latent": cfg.num_latents},
+            {"patch": ["patch"], "latent": ["patch", "latent"]}), persistent=False)
+        self.register_buffer("decoder_mask", space_mask(
+            {"latent": cfg.num_latents, "readout": self.num_patches},
+            {"latent": ["latent"], "readout": ["latent", "readout"]}), persistent=False)
+        if cfg.lpips_weight > 0:
+            try:
+                import lpips
+            except ImportError:
+                raise ConfigError("--lpips-weight > 0 needs the lpips package: pip install lpips") from None
+            self.lpips = lpips.LPIPS(net="alex").eval().requires_grad_(False)
+        self.lpips_weight = cfg.lpips_weight
+
+    @torch.no_grad()
+    def set_pixel_statistics(self, frames, std_floor=0.02):
+        """(ours) Per-pixel mean and std of training frames, uint8 (N, H, W, 3). CarRacing frames differ little
+        from their mean frame (pixel std ~0.05 across a batch); on raw pixels the decoder first learns that mean
+        frame and the latents collapse to a constant (measured: 19.8 dB after 500 steps, latents identical for
+        every input). Standardized, the part that varies is O(1) and the latents carry it."""
+        frames = torch.from_numpy(frames).to(self.pixel_mean.device).permute(0, 3, 1, 2).float() / 255
+        self.pixel_mean.copy_(frames.mean(0))
+        self.pixel_std.copy_(frames.std(0).clamp_min(std_floor))
+
+    def check_frames(self, frames):
+        expected = (3, self.image_size, self.image_size)
+        if frames.ndim != 5 or tuple(frames.shape[2:]) != expected:
+            raise ValueError(f"expected frames shaped (B, T, {', '.join(map(str, expected))}), "
+                             f"got {tuple(frames.shape)}")
+
+    def patchify(self, frames):
+        b, t, c, h, w = frames.shape                                        # (B, T, C, H, W)
+        p = self.patch_size
+        x = frames.reshape(b, t, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4, 6)
+        return x.reshape(b, t, (h // p) * (w // p), c * p * p)              # (B, T, N_patch, C*p*p)
+
+    def unpatchify(self, patches):
+        b, t = patches.shape[:2]
+        p, side = self.patch_size, self.image_size // self.patch_size
+        x = patches.reshape(b, t, side, side, 3, p, p).permute(0, 1, 4, 2, 5, 3, 6)
+        return x.reshape(b, t, 3, self.image_size, self.image_size)
+
+    def random_patch_mask(self, b, t, device):
+        """MAE masking: per frame p ~ U(0, max_mask_prob); each patch is masked with probability p."""
+        p = torch.rand(b, t, 1, device=device) * self.max_mask_prob
+        return torch.rand(b, t, self.num_patches, device=device) < p        # (B, T, N_patch), True = masked
+
+    def encode(self, frames, patch_mask=None):
+        """frames (B, T, 3, H, W) float in [0, 1] -> latents z (B, T, N_latent, D_latent) in [-1, 1]."""
+        self.check_frames(frames)
+        patches = self.patch_in(self.patchify((frames - self.pixel_mean) / self.pixel_std))   # (B, T, N_patch, D)
+        if patch_mask is not None:
+            patches = torch.where(patch_mask[..., None], self.mask_token.to(patches.dtype), patches)
+        b, t = frames.shape[:2]
+        latents = self.latent_tokens.expand(b, t, -1, -1)
+        x = torch.cat([patches + self.patch_space, latents.to(patches.dtype)], dim=2)   # (B, T, S, D)
+        x = self.encoder(x, self.encoder_mask)
+        return torch.tanh(self.to_latent(x[:, :, self.num_patches:]))
+
+    def decode(self, latents):
+        """latents (B, T, N_latent, D_latent) -> frames (B, T, 3, H, W), approximately in [0, 1]."""
+        b, t = latents.shape[:2]
+        x = self.from_latent(latents) + self.latent_space
+        readouts = self.readout_tokens.expand(b, t, -1, -1).to(x.dtype)
+        x = self.decoder(torch.cat([x, readouts], dim=2), self.decoder_mask)  # (B, T, S, D)
+        return self.unpatchify(self.to_pixels(x[:, :, self.num_latents:])) * self.pixel_std + self.pixel_mean
+
+    def loss(self, frames):
+        """Masked-autoencoding loss terms (Eq. 5) for a batch of frames (B, T, 3, H, W) in [0, 1]."""
+        mask = self.random_patch_mask(*frames.shape[:2], frames.device)
+        reconstruction = self.decode(self.encode(frames, mask)).float()
+        losses = {"mse": F.mse_loss(reconstruction, frames)}
+        if self.lpips_weight > 0:
+            to_lpips = lambda x: x.flatten(0, 1) * 2 - 1  # noqa: E731  (lpips takes [-1, 1] images)
+            losses["lpips"] = self.lpips_weight * self.lpips(to_lpips(reconstruction), to_lpips(frames)).mean()
+        return losses
+
+
+# ==================================================================================================================
+# 5. Environments, action binning, online collection and the episode dataset
+#    Episodes are stored frame-aligned (SPEC Sec. 3, ours): row t holds frame o_t, the action a_{t-1} that led to
+#    it (zeros at t = 0, marked by `first`), the reward r_t received on arriving at o_t, and whether o_t is
+#    terminal / truncated.
+# ==================================================================================================================
+class ResetNoops(gym.Wrapper):
+    """Steps `count` no-op (all-zero) actions after reset, e.g. past CarRacing's zoom-in animation."""
+
+    def __init__(self, env, count):
+        super().__init__(env)
+        self.count = count
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        noop = np.zeros(self.action_space.shape, self.action_space.dtype)
+        for _ in range(self.count):
+            obs, _, _, _, info = self.env.step(noop)
+        return obs, info
+
+
+class RepeatAction(gym.Wrapper):
+    """Repeats each action `repeat` times, summing the rewards, stopping early at an episode end."""
+
+    def __init__(self, env, repeat):
+        super().__init__(env)
+        self.repeat = repeat
+
+    def step(self, action):
+        total = 0.0
+        for _ in range(self.repeat):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            total = total + reward
+            if np.all(terminated) or truncated:
+                break
+        return obs, total, terminated, truncated, info
+
+
+class ResizeFrames(gym.ObservationWrapper):
+    """Resizes uint8 frames (..., H, W, 3) to size x size with cv2.INTER_AREA."""
+
+    def __init__(self, env, size):
+        super().__init__(env)
+        self.size = size
+        shape = (*env.observation_space.shape[:-3], size, size, 3)
+        self.observation_space = gym.spaces.Box(0, 255, shape, np.uint8)
+
+    def observation(self, obs):
+        import cv2
+
+        flat = obs.reshape(-1, *obs.shape[-3:])
+        resized = [cv2.resize(frame, (self.size, self.size), interpolation=cv2.INTER_AREA) for frame in flat]
+        return np.stack(resized).reshape(self.observation_space.shape)
+
+
+class StreamsAsInfo(gym.Wrapper):
+    """For envs with several agents (observations (N, H, W, 3), e.g. MultiCarRacing-v0): gymnasium's vector envs
+    need scalar rewards and flags, so the per-agent ones move to info["stream_reward"] and
+    info["stream_terminated"], and the episode ends when every agent is terminated (or at truncation)."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info = {**info, "stream_reward": np.asarray(reward, np.float32), "stream_terminated": np.asarray(terminated)}
+        return obs, float(np.sum(reward)), bool(np.all(terminated)), bool(truncated), info
+
+
+def make_env(cfg, render_mode=None):
+    """A gymnasium env by id with uint8 pixel observations of image_size x image_size (cv2.INTER_AREA).
+    Multi-agent envs (observations (N, H, W, 3)) keep the leading agent axis; see StreamsAsInfo."""
+    from gymnasium.wrappers import AddRenderObservation
+
+    if cfg.env.startswith("MultiCarRacing"):
+        import multi_car_racing  # noqa: F401  (registers MultiCarRacing-v0)
+    limit = cfg.max_episode_steps or None
+    try:
+        env = gym.make(cfg.env, max_episode_steps=limit, render_mode=render_mode)
+    except gym.error.Error as e:
+        raise ConfigError(f"cannot make environment '{cfg.env}': {e}") from None
+    space = env.observation_space
+    if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and space.shape[-1:] == (3,)):
+        env.close()   # not an image: observe the rendered frame instead
+        env = AddRenderObservation(gym.make(cfg.env, max_episode_steps=limit, render_mode="rgb_array"),
+                                   render_only=True)
+    if "CarRacing" in cfg.env and cfg.zoom_skip > 0:
+        env = ResetNoops(env, cfg.zoom_skip)
+    if cfg.action_repeat > 1:
+        env = RepeatAction(env, cfg.action_repeat)
+    if env.observation_space.shape[-3:-1] != (cfg.image_size, cfg.image_size):
+        env = ResizeFrames(env, cfg.image_size)
+    if len(env.observation_space.shape) == 4:
+        env = StreamsAsInfo(env)
+    return env
+
+
+def stream_action_space(action_space, observation_space):
+    """The action space of one agent: a multi-agent Box (N, ...) gives its first row's bounds."""
+    if len(observation_space.shape) == 4:
+        return gym.spaces.Box(action_space.low[0], action_space.high[0], dtype=action_space.dtype)
+    return action_space
+
+
+class ActionBins:
+    """Continuous action binning (SPEC Sec. 3). Each Box dimension gets `bins` values evenly spaced over its
+    bounds, both ends included, so a round trip is exact up to half a bin; Discrete(n) is one dimension of n
+    bins, MultiDiscrete one dimension per entry. Actions are handled as float arrays (..., dims)."""
+
+    def __init__(self, space, bins):
+        self.space = space
+        if isinstance(space, gym.spaces.Box):
+            if not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+                raise ConfigError("continuous actions need finite bounds to be binned")
+            self.low, self.high = space.low.reshape(-1).astype(np.float64), space.high.reshape(-1).astype(np.float64)
+            self.bins = [bins] * self.low.size
+        elif isinstance(space, gym.spaces.Discrete):
+            self.bins = [int(space.n)]
+        elif isinstance(space, gym.spaces.MultiDiscrete):
+            self.bins = [int(n) for n in space.nvec.reshape(-1)]
+        else:
+            raise ConfigError(f"unsupported action space {space}")
+        self.continuous = isinstance(space, gym.spaces.Box)
+        self.dims = len(self.bins)
+
+    def to_bins(self, actions):
+        """Actions (..., dims) -> bin indices (..., dims) int64."""
+        actions = np.asarray(actions, dtype=np.float64)
+        if not self.continuous:
+            return np.rint(actions).astype(np.int64)
+        fraction = (np.clip(actions, self.low, self.high) - self.low) / (self.high - self.low)
+        return np.rint(fraction * (np.array(self.bins) - 1)).astype(np.int64)
+
+    def from_bins(self, indices):
+        """Bin indices (..., dims) -> actions (..., dims) float32 (bin values; the index itself if discrete)."""
+        indices = np.asarray(indices)
+        if not self.continuous:
+            return indices.astype(np.float32)
+        return (self.low + indices / (np.array(self.bins) - 1) * (self.high - self.low)).astype(np.float32)
+
+    def to_env(self, actions):
+        """Actions (N, dims) -> what a vector of N envs accepts."""
+        if isinstance(self.space, gym.spaces.Discrete):
+            return actions[:, 0].astype(np.int64)
+        return actions.reshape(len(actions), *self.space.shape).astype(self.space.dtype)
+
+
+class RandomExplorer:
+    """Exploration for collection (ours): per env, uniform random bins per action dimension, each action held
+    for a uniform 1..max_hold steps, which moves the agent further than independent per-step noise."""
+
+    def __init__(self, bins, num_envs, rng, max_hold=8):
+        self.bins, self.rng, self.max_hold = bins, rng, max_hold
+        self.indices = np.zeros((num_envs, bins.dims), np.int64)
+        self.hold = np.zeros(num_envs, np.int64)
+
+    def __call__(self):
+        renew = self.hold <= 0
+        self.indices[renew] = self.rng.integers(0, self.bins.bins, size=(renew.sum(), self.bins.dims))
+        self.hold[renew] = self.rng.integers(1, self.max_hold + 1, size=renew.sum())
+        self.hold -= 1
+        return self.indices.copy()
+
+
+def episode_files(data_dir):
+    return sorted(Path(data_dir).glob("episode_*.npz"))
+
+
+def save_episode(path, episode):
+    """Writes one episode (dict of per-frame lists) as a compressed .npz, atomically."""
+    arrays = {key: np.asarray(value) for key, value in episode.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+
+
+def collect_random(cfg, data_dir):
+    """Collects cfg.collect_frames frames with the random explorer over gymnasium vector envs (one per CPU core)
+    into data_dir, one compressed .npz per episode. Each agent of a multi-agent env is its own stream, stored as
+    its own episodes. Episodes still running at the end are saved as truncated. An interrupted collection
+    continues where it stopped; a finished one (marker file `complete`) is reused."""
+    from tqdm import tqdm
+
+    data_dir = Path(data_dir)
+    if (data_dir / "complete").exists():
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    files = episode_files(data_dir)
+    have = sum(len(np.load(f)["rewards"]) for f in files)
+    num_envs = cfg.num_envs or os.cpu_count()
+    vector = gym.vector.AsyncVectorEnv if num_envs > 1 else gym.vector.SyncVectorEnv
+    envs = vector([lambda: make_env(cfg)] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    per_env = envs.single_observation_space.shape[0] if len(envs.single_observation_space.shape) == 4 else 1
+    bins = ActionBins(stream_action_space(envs.single_action_space, envs.single_observation_space), cfg.action_bins)
+    explorer = RandomExplorer(bins, num_envs * per_env, np.random.default_rng([cfg.seed, len(files)]))
+    obs, _ = envs.reset(seed=cfg.seed * 100_000 + len(files))
+
+    def new_episode(frame):
+        return dict(frames=[frame], actions=[np.zeros(bins.dims, np.float32)], rewards=[0.0], terminated=[False],
+                    truncated=[False])
+
+    frames = obs.reshape(num_envs * per_env, *obs.shape[-3:])
+    episodes = [new_episode(frame) for frame in frames]   # one per stream; None once a stream's episode ended
+    restarting = np.zeros(num_envs, bool)   # NEXT_STEP autoreset: the step after an episode end returns a reset
+    count, collected = len(files), have + len(episodes)
+    with tqdm(total=cfg.collect_frames, initial=have, desc="collect", unit="frame") as bar:
+        while collected < cfg.collect_frames:
+            actions = bins.from_bins(explorer())
+            env_actions = bins.to_env(actions).reshape(num_envs, *envs.single_action_space.shape)
+            obs, reward, terminated, truncated, info = envs.step(env_actions)
+            frames = obs.reshape(num_envs * per_env, *obs.shape[-3:])
+            if per_env > 1:
+                reward, terminated = info["stream_reward"], info["stream_terminated"]
+            reward, terminated = reward.reshape(num_envs, per_env), terminated.reshape(num_envs, per_env)
+            before = collected
+            for e in range(num_envs):
+                streams = range(e * per_env, (e + 1) * per_env)
+                if restarting[e]:
+                    for s in streams:
+                        episodes[s] = new_episode(frames[s])
+                    restarting[e], collected = False, collected + per_env
+                    continue
+                for j, s in enumerate(streams):
+                    if episodes[s] is None:
+                        continue
+                    row = (frames[s], actions[s], reward[e, j], terminated[e, j], truncated[e])
+                    for key, value in zip(episodes[s], row):
+                        episodes[s][key].append(value)
+                    collected += 1
+                    if terminated[e, j] or truncated[e]:
+                        save_episode(data_dir / f"episode_{count:06d}.npz", episodes[s])
+                        count, episodes[s] = count + 1, None
+                restarting[e] = all(episodes[s] is None for s in streams)
+            bar.update(collected - before)
+    envs.close()
+    for episode in episodes:
+        if episode is not None and len(episode["rewards"]) > 1:
+            episode["truncated"][-1] = True
+            save_episode(data_dir / f"episode_{count:06d}.npz", episode)
+            count += 1
+    (data_dir / "complete").touch()
+
+
+class EpisodeDataset:
+    """Every episode of a run in memory, frame-aligned, frames uint8 in one preallocated (N, H, W, 3) array
+    (a 100k-frame 96x96 dataset takes 2.8 GB). Every `holdout_every`-th episode, starting with the first,
+    is held out for evaluation. Windows of consecutive frames are sampled within one episode, never across."""
+
+    def __init__(self, data_dir, holdout_every):
+        files = episode_files(data_dir)
+        if len(files) < 2:
+            raise ConfigError(f"{data_dir} holds {len(files)} episodes; at least 2 are needed (one is held out)")
+        lengths = np.array([len(np.load(f)["rewards"]) for f in files])
+        self.starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        self.lengths = lengths
+        with np.load(files[0]) as episode:
+            frame_shape, action_dims = episode["frames"].shape[1:], episode["actions"].shape[1]
+        total = int(lengths.sum())
+        self.frames = np.empty((total, *frame_shape), np.uint8)
+        self.actions = np.empty((total, action_dims), np.float32)
+        self.rewards = np.empty(total, np.float32)
+        self.terminated = np.empty(total, bool)
+        self.truncated = np.empty(total, bool)
+        for f, start, length in zip(files, self.starts, lengths):   # one episode decompressed at a time
+            with np.load(f) as episode:
+                for key in ("frames", "actions", "rewards", "terminated", "truncated"):
+                    getattr(self, key)[start:start + length] = episode[key]
+        self.first = np.zeros(total, bool)
+        self.first[self.starts] = True
+        self.split = np.where(np.arange(len(files)) % holdout_every == 0, "eval", "train")
+        self._window_starts = {}
+
+    def window_starts(self, split, length):
+        """All valid first indices of `length`-frame windows inside the episodes of `split`."""
+        key = (split, length)
+        if key not in self._window_starts:
+            starts = [np.arange(start, start + n - length + 1) for start, n, s in
+                      zip(self.starts, self.lengths, self.split) if s == split and n >= length]
+            if not starts:
+                raise ConfigError(f"no {split} episode has {length} frames; collect more data or shorten seq_len")
+            self._window_starts[key] = np.concatenate(starts)
+        return self._window_starts[key]
+
+    def sample(self, batch, length, split, rng):
+        """A batch of windows: dict of arrays shaped (B, T, ...); frames stay uint8 (B, T, H, W, 3)."""
+        index = rng.choice(self.window_starts(split, length), size=batch)[:, None] + np.arange(length)
+        return dict(frames=self.frames[index], actions=self.actions[index], rewards=self.rewards[index],
+                    terminated=self.terminated[index], first=self.first[index])
+
+
+def frames_to_tensor(frames, device):
+    """uint8 (B, T, H, W, 3) numpy -> float (B, T, 3, H, W) in [0, 1] on device."""
+    return torch.from_numpy(frames).to(device).permute(0, 1, 4, 2, 3).float() / 255
+
+
+def frames_to_uint8(frames):
+    """float (T, 3, H, W) in [0, 1] -> uint8 (T, H, W, 3) numpy."""
+    return (frames.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ==================================================================================================================
+# 6. Checkpoints, metrics and videos
+# ==================================================================================================================
+def save_checkpoint(path, **state):
+    """torch.save to a temporary file, then an atomic rename: an interruption never leaves half a checkpoint."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, hint=""):
+    if not Path(path).exists():
+        raise ConfigError(f"no checkpoint at {path}" + (f"; {hint}" if hint else ""))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Trainer:
+    """One module's AdamW (linear warm-up, then constant), loss normalizer and gradient clipping; `step` is one
+    training step on the loss terms that `loss_fn` returns (bf16 autocast on CUDA)."""
+
+    def __init__(self, module, cfg, device):
+        self.module, self.device, self.grad_clip = module, device, cfg.grad_clip
+        self.optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                          lambda step: min(1.0, (step + 1) / cfg.warmup_steps))
+        self.normalizer = LossNormalizer()
+
+    def step(self, loss_fn, *args):
+        with autocast(self.device):
+            losses = loss_fn(*args)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.normalizer(losses).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        return {**{name: loss.item() for name, loss in losses.items()}, "grad_norm": grad_norm.item(),
+                "lr": self.schedule.get_last_lr()[0]}
+
+    def state_dict(self):
+        return dict(optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
+                    normalizer=self.normalizer.state_dict())
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.normalizer.load_state_dict(state["normalizer"])
+
+
+class Logger:
+    """Appends one JSON object per line to run_dir/metrics.jsonl ({"stage", "step", metrics...}) and mirrors
+    it to wandb unless --wandb disabled (wandb is imported only then)."""
+
+    def __init__(self, cfg, stage):
+        self.stage, self.path = stage, Path(cfg.run_dir) / "metrics.jsonl"
+        self.wandb = None
+        if cfg.wandb != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project="dreamer4-compact", group=Path(cfg.run_dir).name, dir=cfg.run_dir,
+                                    name=f"{Path(cfg.run_dir).name}-{stage}", mode=cfg.wandb,
+                                    config=dataclasses.asdict(cfg))
+
+    def log(self, step, **metrics):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"stage": self.stage, "step": step, **metrics}) + "\n")
+        if self.wandb:
+            self.wandb.log({f"{self.stage}/{key}": value for key, value in metrics.items()}, step=step)
+
+    def video(self, step, path):
+        if self.wandb:
+            import wandb
+
+            self.wandb.log({f"{self.stage}/video": wandb.Video(str(path), format="mp4")}, step=step)
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
+
+
+def write_video(path, columns, fps=10):
+    """Writes an mp4 of uint8 clips (T, H, W, 3) placed side by side, upscaled (nearest) to >= 128 px tall."""
+    import imageio
+
+    frames = np.concatenate(columns, axis=2)
+    scale = max(1, math.ceil(128 / frames.shape[1]))
+    frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimwrite(path, frames, fps=fps, macro_block_size=1)

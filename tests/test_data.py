@@ -1,0 +1,95 @@
+"""Environments, action binning, collection and the episode dataset (SPEC Sec. 0, 3)."""
+import tracemalloc
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import dreamer4 as d4
+
+
+def test_box_action_bins_round_trip_within_half_a_bin():
+    space = gym.spaces.Box(np.array([-1, 0, 0], np.float32), np.array([1, 1, 1], np.float32))
+    bins = d4.ActionBins(space, 33)
+    actions = np.stack([space.sample() for _ in range(2000)])
+    recovered = bins.from_bins(bins.to_bins(actions))
+    half_bin = (space.high - space.low) / (33 - 1) / 2
+    assert (np.abs(recovered - actions) <= half_bin + 1e-6).all()
+    assert bins.to_bins(actions).min() == 0 and bins.to_bins(actions).max() == 32
+    assert np.array_equal(bins.from_bins(bins.to_bins([[-1.0, 0.0, 1.0], [0.0, 0.5, 0.0]])),
+                          [[-1.0, 0.0, 1.0], [0.0, 0.5, 0.0]])   # both bounds and the midpoint are exact
+
+
+def test_discrete_action_bins_round_trip_exactly():
+    bins = d4.ActionBins(gym.spaces.Discrete(5), 33)
+    actions = np.arange(5, dtype=np.float32)[:, None]
+    assert bins.bins == [5] and np.array_equal(bins.to_bins(actions)[:, 0], np.arange(5))
+    assert np.array_equal(bins.from_bins(bins.to_bins(actions)), actions)
+    assert np.array_equal(bins.to_env(actions), np.arange(5))
+
+
+def test_unbounded_continuous_actions_are_a_clear_error():
+    with pytest.raises(d4.ConfigError, match="finite bounds"):
+        d4.ActionBins(gym.spaces.Box(-np.inf, np.inf, (2,)), 33)
+
+
+def test_unknown_env_id_is_a_clear_error(tiny_cfg):
+    with pytest.raises(d4.ConfigError, match="cannot make environment 'NoSuchEnv-v0'"):
+        d4.make_env(tiny_cfg.__class__(**{**vars(tiny_cfg), "env": "NoSuchEnv-v0"}))
+
+
+def write_episodes(data_dir, lengths, size=8):
+    """Synthetic episodes whose frames carry (episode id, index in episode) in their first two pixels' values."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for episode, length in enumerate(lengths):
+        frames = np.zeros((length, size, size, 3), np.uint8)
+        frames[:, 0, 0, 0], frames[:, 0, 0, 1] = episode, np.arange(length)
+        d4.save_episode(data_dir / f"episode_{episode:06d}.npz", dict(
+            frames=frames, actions=np.zeros((length, 2), np.float32), rewards=np.arange(length, dtype=np.float32),
+            terminated=np.arange(length) == length - 1, truncated=np.zeros(length, bool)))
+
+
+def test_sampled_windows_never_cross_episode_ends(tmp_path):
+    write_episodes(tmp_path, [7, 3, 12, 5, 9, 4])
+    dataset = d4.EpisodeDataset(tmp_path, holdout_every=3)
+    rng = np.random.default_rng(0)
+    for split in ("train", "eval"):
+        batch = dataset.sample(500, 5, split, rng)
+        episode, index = batch["frames"][:, :, 0, 0, 0], batch["frames"][:, :, 0, 0, 1].astype(int)
+        assert (episode == episode[:, :1]).all()                           # one episode per window
+        assert (np.diff(index, axis=1) == 1).all()                         # consecutive frames
+        assert np.array_equal(batch["first"], index == 0)
+        assert set(np.unique(episode)) == ({0, 3} if split == "eval" else {2, 4})   # 1 and 5 are too short
+    assert len(dataset.window_starts("train", 5)) == (12 - 4) + (9 - 4)   # every valid start in 2 and 4, no more
+
+
+def test_the_held_out_split_is_every_nth_episode_starting_with_the_first(tmp_path):
+    write_episodes(tmp_path, [4] * 7)
+    assert d4.EpisodeDataset(tmp_path, holdout_every=3).split.tolist() == ["eval", "train", "train"] * 2 + ["eval"]
+
+
+def test_the_dataset_keeps_frames_uint8_without_transient_copies(tmp_path):
+    write_episodes(tmp_path, [400] * 10, size=64)
+    tracemalloc.start()
+    dataset = d4.EpisodeDataset(tmp_path, holdout_every=10)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert dataset.frames.dtype == np.uint8 and dataset.frames.shape == (4000, 64, 64, 3)
+    assert peak < 1.2 * dataset.frames.nbytes   # loaded into place, one episode at a time
+
+
+def test_random_collection_writes_frame_aligned_episodes(tiny_cfg, tmp_path):
+    d4.collect_random(tiny_cfg, tmp_path)
+    files = d4.episode_files(tmp_path)
+    assert len(files) >= 2 and (tmp_path / "complete").exists()
+    episode = np.load(files[0])
+    n = len(episode["rewards"])
+    assert episode["frames"].shape == (n, 32, 32, 3) and episode["frames"].dtype == np.uint8
+    assert episode["actions"].shape == (n, 3) and not episode["actions"][0].any()   # no action leads to frame 0
+    assert episode["rewards"][0] == 0 and episode["terminated"].sum() + episode["truncated"].sum() == 1
+    assert episode["terminated"][-1] or episode["truncated"][-1]
+    bins = d4.ActionBins(gym.make("CarRacing-v3").action_space, tiny_cfg.action_bins)
+    assert np.allclose(bins.from_bins(bins.to_bins(episode["actions"][1:])), episode["actions"][1:])  # binned actions
+    assert episode["frames"].std(axis=0).mean() > 1   # the view changes as the car moves
+    total = sum(len(np.load(f)["rewards"]) for f in files)
+    assert tiny_cfg.collect_frames <= total < tiny_cfg.collect_frames + 2 * 2
