@@ -1,0 +1,111 @@
+"""Speed and memory of the training steps, one row per preset, each measured in a fresh process:
+frames/s, peak memory (CUDA max allocated on a GPU, peak RSS on the CPU), model FLOPs per step (counted by
+torch's FlopCounterMode, attention included) and the achieved fraction of this machine's measured matmul rate.
+
+    python bench.py --presets tiny small            # the CPU table in the README
+    python bench.py --device cuda                   # every preset on the GPU
+"""
+import argparse
+import multiprocessing
+import resource
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import dreamer4 as d4
+
+
+def attention_flops(query, key, value, *args, **kwargs):
+    """2 matmuls of (Lq x d) by (d x Lk) and (Lq x Lk) by (Lk x d) per query head; any GQA grouping."""
+    b, h, lq, d = query
+    return 4 * b * h * lq * key[2] * d
+
+
+def attention_backward_flops(grad_out, query, key, value, *args, **kwargs):
+    return 2 * attention_flops(query, key, value)
+
+
+# The CPU kernel behind scaled_dot_product_attention is not in FlopCounterMode's table (CUDA's kernels are).
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward_flops}
+
+
+def matmul_rate(device):
+    """FLOP/s of a large square matmul: fp32 on the CPU, bf16 on CUDA (the dtypes training uses there)."""
+    n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    repeats = 10
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def tokenizer_step(preset, device_name, steps, warmup, checkpointing):
+    """Times the tokenizer's training step (train_mae.py's step) on random frames of the preset's shape."""
+    argv = ["--preset", preset, "--device", device_name]
+    if checkpointing is not None:
+        argv.append("--checkpointing" if checkpointing else "--no-checkpointing")
+    cfg = d4.parse_config("mae", "", argv)
+    device = d4.pick_device(cfg.device)
+    torch.manual_seed(0)
+    tokenizer = d4.Tokenizer(cfg).to(device)
+    trainer = d4.Trainer(tokenizer, cfg, device)
+    frames = torch.rand(cfg.batch_size, cfg.seq_len, 3, cfg.image_size, cfg.image_size, device=device)
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+        trainer.step(tokenizer.loss, frames)
+    for _ in range(warmup):
+        trainer.step(tokenizer.loss, frames)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.step(tokenizer.loss, frames)
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    flops = counter.get_total_flops()
+    return dict(row=f"tokenizer train ({preset})", device=str(device), checkpointing=cfg.checkpointing,
+                frames=cfg.batch_size * cfg.seq_len, frames_per_s=cfg.batch_size * cfg.seq_len / seconds,
+                ms_per_step=1000 * seconds, peak_mib=peak / 2 ** 20, gflop_per_step=flops / 1e9,
+                achieved=flops / seconds / matmul_rate(device), params_m=sum(p.numel() for p in
+                                                                             tokenizer.parameters()) / 1e6)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=list(d4.PRESETS), choices=list(d4.PRESETS),
+                        help="presets to measure (default: all)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="force activation checkpointing on or off (default: the preset's)")
+    args = parser.parse_args()
+    context = multiprocessing.get_context("spawn")   # a fresh process per row: its peak memory is its own
+    header = f"{'row':28} {'device':6} {'ckpt':>5} {'frames':>6} {'frames/s':>9} {'ms/step':>9} {'peak MiB':>9} " \
+             f"{'GFLOP/step':>10} {'of matmul':>9} {'params':>8}"
+    print(header)
+    print("-" * len(header))
+    for preset in args.presets:
+        with context.Pool(1) as pool:
+            r = pool.apply(tokenizer_step, (preset, args.device, args.steps, args.warmup, args.checkpointing))
+        print(f"{r['row']:28} {r['device']:6} {str(r['checkpointing']):>5} {r['frames']:6d} "
+              f"{r['frames_per_s']:9.1f} {r['ms_per_step']:9.1f} {r['peak_mib']:9.0f} {r['gflop_per_step']:10.2f} "
+              f"{r['achieved']:9.1%} {r['params_m']:7.2f}M", flush=True)
+
+
+if __name__ == "__main__":
+    d4.run_cli(main)

@@ -1,0 +1,91 @@
+"""The stage scripts' common CLI: one-line errors, checkpoints that round-trip, --resume, metrics, --help."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dreamer4 as d4
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--wandb", "disabled"]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny tokenizer run of 10 steps, then resumed to 20."""
+    run_dir = tmp_path_factory.mktemp("run")
+    first = run("train_mae.py", *TINY, "--run-dir", str(run_dir), "--steps", "10")
+    assert first.returncode == 0, first.stderr
+    after_first = torch.load(run_dir / "tokenizer.pt", weights_only=True)
+    second = run("train_mae.py", *TINY, "--run-dir", str(run_dir), "--steps", "20", "--resume")
+    assert second.returncode == 0, second.stderr
+    return run_dir, after_first
+
+
+def test_resume_continues_the_step_count(tiny_run):
+    run_dir, after_first = tiny_run
+    assert after_first["step"] == 10
+    assert torch.load(run_dir / "tokenizer.pt", weights_only=True)["step"] == 20
+    steps = [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")]
+    assert steps == sorted(steps) and steps[-1] == 20 and 10 in steps
+
+
+def test_metrics_are_json_lines_with_stage_step_and_held_out_psnr(tiny_run):
+    run_dir, _ = tiny_run
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert all(r["stage"] == "mae" and isinstance(r["step"], int) for r in records)
+    psnrs = [r["psnr"] for r in records if "psnr" in r]
+    assert len(psnrs) == 2 and all(0 < p < 60 for p in psnrs)
+    assert any("mse" in r for r in records)
+    assert (run_dir / "videos" / "mae_0000020.mp4").stat().st_size > 1000
+
+
+def test_checkpoints_round_trip_exactly(tiny_run, tiny_cfg):
+    run_dir, _ = tiny_run
+    state = d4.load_checkpoint(run_dir / "tokenizer.pt")
+    tokenizer = d4.Tokenizer(d4.Config(**state["config"]))
+    tokenizer.load_state_dict(state["model"])
+    d4.save_checkpoint(run_dir / "copy.pt", model=tokenizer.state_dict(), step=state["step"])
+    copy = d4.load_checkpoint(run_dir / "copy.pt")
+    assert copy["step"] == 20 and copy["model"].keys() == state["model"].keys()
+    assert all(torch.equal(copy["model"][k], state["model"][k]) for k in state["model"])
+    assert state["config"]["preset"] == "tiny" and "exp_avg" in state["trainer"]["optimizer"]["state"][0]
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(tiny_run):
+    run_dir, _ = tiny_run
+    result = run("train_mae.py", *TINY, "--run-dir", str(run_dir))
+    assert result.returncode == 2 and "pass --resume" in result.stderr
+
+
+def one_line_error(result):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_unknown_env_id_is_a_one_line_error(tmp_path):
+    line = one_line_error(run("train_mae.py", *TINY, "--run-dir", str(tmp_path), "--env", "NoSuchEnv-v0"))
+    assert "NoSuchEnv-v0" in line
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path):
+    line = one_line_error(run("train_mae.py", *TINY, "--run-dir", str(tmp_path), "--resume"))
+    assert f"no checkpoint at {tmp_path / 'tokenizer.pt'}" in line
+
+
+def test_help_explains_every_flag():
+    result = run("train_mae.py", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for name in ["steps", *(f.name for f in d4.dataclasses.fields(d4.Config))]:
+        flag = "--" + name.replace("_", "-")
+        assert flag in text, flag
+    assert "tiny (seconds, for tests)" in text and "default 96; tiny 32; small 64" in text
