@@ -1,6 +1,7 @@
 """Speed and memory of the training steps, one row per preset, each measured in a fresh process:
 frames/s, peak memory (CUDA max allocated on a GPU, peak RSS on the CPU), model FLOPs per step (counted by
 torch's FlopCounterMode, attention included) and the achieved fraction of this machine's measured matmul rate.
+Then the simulators: steps/s and frames/s of MultiCarRacing-v0 with N = 1, 2, 4 cars next to CarRacing-v3.
 
     python bench.py --presets tiny small            # the CPU table in the README
     python bench.py --device cuda                   # every preset on the GPU
@@ -10,6 +11,8 @@ import multiprocessing
 import resource
 import time
 
+import gymnasium as gym
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -84,6 +87,25 @@ def tokenizer_step(preset, device_name, steps, warmup, checkpointing):
                                                                              tokenizer.parameters()) / 1e6)
 
 
+def env_speed(env_id, cars, steps):
+    """Simulator steps/s at native 96x96 with a fixed gas-and-gentle-steering action, after the 50-step zoom-in
+    (untimed). One step of MultiCarRacing-v0 gives one frame per car."""
+    if env_id.startswith("MultiCarRacing"):
+        import multi_car_racing  # noqa: F401  (registers MultiCarRacing-v0)
+    env = gym.make(env_id, **({"num_cars": cars} if env_id.startswith("MultiCarRacing") else {}))
+    action = np.array([0.05, 0.3, 0.0], np.float32)
+    action = np.tile(action, (cars, 1)) if env_id.startswith("MultiCarRacing") else action
+    env.reset(seed=0)
+    for _ in range(50):
+        env.step(action)
+    start = time.perf_counter()
+    for _ in range(steps):
+        env.step(action)
+    rate = steps / (time.perf_counter() - start)
+    env.close()
+    return rate
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=list(d4.PRESETS), choices=list(d4.PRESETS),
@@ -93,6 +115,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="force activation checkpointing on or off (default: the preset's)")
+    parser.add_argument("--env-steps", type=int, default=300, help="timed simulator steps per env row (0: none)")
     args = parser.parse_args()
     context = multiprocessing.get_context("spawn")   # a fresh process per row: its peak memory is its own
     header = f"{'row':28} {'device':6} {'ckpt':>5} {'frames':>6} {'frames/s':>9} {'ms/step':>9} {'peak MiB':>9} " \
@@ -105,6 +128,13 @@ def main():
         print(f"{r['row']:28} {r['device']:6} {str(r['checkpointing']):>5} {r['frames']:6d} "
               f"{r['frames_per_s']:9.1f} {r['ms_per_step']:9.1f} {r['peak_mib']:9.0f} {r['gflop_per_step']:10.2f} "
               f"{r['achieved']:9.1%} {r['params_m']:7.2f}M", flush=True)
+    if args.env_steps:
+        print(f"\n{'simulator':28} {'steps/s':>9} {'frames/s':>9}")
+        for env_id, cars in [("CarRacing-v3", 1), ("MultiCarRacing-v0", 1), ("MultiCarRacing-v0", 2),
+                             ("MultiCarRacing-v0", 4)]:
+            rate = env_speed(env_id, cars, args.env_steps)
+            name = env_id + (f" N={cars}" if env_id.startswith("MultiCarRacing") else "")
+            print(f"{name:28} {rate:9.1f} {rate * cars:9.1f}", flush=True)
 
 
 if __name__ == "__main__":

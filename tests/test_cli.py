@@ -89,3 +89,12 @@ def test_help_explains_every_flag():
         flag = "--" + name.replace("_", "-")
         assert flag in text, flag
     assert "tiny (seconds, for tests)" in text and "default 96; tiny 32; small 64" in text
+
+
+def test_train_mae_runs_on_multi_car_racing(tmp_path):
+    result = run("train_mae.py", *TINY, "--run-dir", str(tmp_path), "--env", "MultiCarRacing-v0", "--steps", "10",
+                 "--num-envs", "2")
+    assert result.returncode == 0, result.stderr
+    assert len(d4.episode_files(tmp_path / "data")) == 2 * 2   # one episode per car of each of the 2 envs
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records if "psnr" in r] == [10]

@@ -93,3 +93,16 @@ def test_random_collection_writes_frame_aligned_episodes(tiny_cfg, tmp_path):
     assert episode["frames"].std(axis=0).mean() > 1   # the view changes as the car moves
     total = sum(len(np.load(f)["rewards"]) for f in files)
     assert tiny_cfg.collect_frames <= total < tiny_cfg.collect_frames + 2 * 2
+
+
+def test_multi_car_collection_stores_each_car_as_its_own_episode(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.__class__(**{**vars(tiny_cfg), "env": "MultiCarRacing-v0", "num_envs": 2})
+    d4.collect_random(cfg, tmp_path)
+    episodes = [np.load(f) for f in d4.episode_files(tmp_path)]
+    assert len(episodes) == 4   # 2 envs x 2 cars, all still racing when the frame budget ran out
+    for episode in episodes:
+        n = len(episode["rewards"])
+        assert episode["frames"].shape == (n, 32, 32, 3) and episode["actions"].shape == (n, 3)
+        assert episode["truncated"][-1] and not episode["actions"][0].any()
+    assert not np.array_equal(episodes[0]["frames"], episodes[1]["frames"])   # two cars, two views
+    assert sum(len(e["rewards"]) for e in episodes) >= cfg.collect_frames
