@@ -16,7 +16,8 @@ import dreamer4 as d4
 
 @torch.no_grad()
 def evaluate(tokenizer, eval_frames):
-    """Held-out PSNR of unmasked reconstructions, and one clip: original | masked input | reconstruction."""
+    """Held-out PSNR of unmasked reconstructions, and one clip: original | masked input (half the patches) |
+    its reconstruction | reconstruction of the whole frame."""
     tokenizer.eval()
     scores = []
     for frames in eval_frames.split(8):
@@ -24,9 +25,10 @@ def evaluate(tokenizer, eval_frames):
     clip = eval_frames[:1]
     mask = torch.rand(*clip.shape[:2], tokenizer.num_patches, device=clip.device) < 0.5
     masked_input = tokenizer.unpatchify(torch.where(mask[..., None], 0.5, tokenizer.patchify(clip)))
-    reconstruction = tokenizer.decode(tokenizer.encode(clip, mask))
+    from_masked = tokenizer.decode(tokenizer.encode(clip, mask))
+    from_whole = tokenizer.decode(tokenizer.encode(clip))
     tokenizer.train()
-    columns = [d4.frames_to_uint8(x[0]) for x in (clip, masked_input, reconstruction)]
+    columns = [d4.frames_to_uint8(x[0]) for x in (clip, masked_input, from_masked, from_whole)]
     return (sum(scores) / len(eval_frames)).item(), columns
 
 
