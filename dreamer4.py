@@ -128,12 +128,16 @@ def parse_config(stage, description, argv=None):
 
 
 def run_cli(main):
-    """Run a stage script's main(); user errors become one line on stderr and exit status 2."""
+    """Run a stage script's main(); user errors become one line on stderr and exit status 2, Ctrl-C exit 130
+    (finished episodes and the checkpoint are on disk by then)."""
     try:
         main()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # ==================================================================================================================

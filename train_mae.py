@@ -88,7 +88,7 @@ def main():
                 save()
     except KeyboardInterrupt:
         bar.write(f"interrupted at step {step}; saving {checkpoint_path} (continue with --resume)")
-        raise SystemExit(130)
+        raise
     finally:
         save()
         bar.close()
