@@ -575,20 +575,54 @@ class ActionBins:
 
 
 class RandomExplorer:
-    """Exploration for collection (ours): per env, uniform random bins per action dimension, each action held
-    for a uniform 1..max_hold steps, which moves the agent further than independent per-step noise."""
+    """Exploration for collection (ours): per stream, uniform random bins per action dimension, each action held
+    for a uniform 1..max_hold steps, which moves the agent further than independent per-step noise. A policy:
+    `reset(num_streams)`, then each call returns bin indices (num_streams, dims)."""
 
-    def __init__(self, bins, num_envs, rng, max_hold=8):
+    def __init__(self, bins, rng, max_hold=8):
         self.bins, self.rng, self.max_hold = bins, rng, max_hold
-        self.indices = np.zeros((num_envs, bins.dims), np.int64)
-        self.hold = np.zeros(num_envs, np.int64)
 
-    def __call__(self):
+    def reset(self, num_streams):
+        self.indices = np.zeros((num_streams, self.bins.dims), np.int64)
+        self.hold = np.zeros(num_streams, np.int64)
+
+    def __call__(self, frames=None):
         renew = self.hold <= 0
         self.indices[renew] = self.rng.integers(0, self.bins.bins, size=(renew.sum(), self.bins.dims))
         self.hold[renew] = self.rng.integers(1, self.max_hold + 1, size=renew.sum())
         self.hold -= 1
         return self.indices.copy()
+
+
+def evaluate_returns(cfg, policy, episodes, seed):
+    """Plays `episodes` episodes with env seeds seed, seed + 1, ...; the same policy acts for every agent of a
+    multi-agent env. `policy.reset(N)` at each episode start, then `policy(frames)` with frames uint8
+    (N, H, W, 3) returns bin indices (N, dims). Returns each agent's return, shape (episodes, N)."""
+    env = make_env(cfg)
+    multi = len(env.observation_space.shape) == 4
+    bins = ActionBins(stream_action_space(env.action_space, env.observation_space), cfg.action_bins)
+    returns = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        frames = obs if multi else obs[None]
+        policy.reset(len(frames))
+        total = np.zeros(len(frames))
+        done = False
+        while not done:
+            actions = bins.from_bins(policy(frames))
+            obs, reward, terminated, truncated, info = env.step(
+                actions.reshape(env.action_space.shape) if multi else bins.to_env(actions)[0])
+            frames = obs if multi else obs[None]
+            total += info["stream_reward"] if multi else reward   # a terminated car earns 0 afterwards
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    return np.array(returns)
+
+
+def returns_summary(returns):
+    """(episodes, N) returns -> mean and std over every agent's episodes, and each agent's mean."""
+    return dict(mean=float(returns.mean()), std=float(returns.std()), per_agent=returns.mean(0).tolist())
 
 
 def episode_files(data_dir):
@@ -622,7 +656,8 @@ def collect_random(cfg, data_dir):
     envs = vector([lambda: make_env(cfg)] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     per_env = envs.single_observation_space.shape[0] if len(envs.single_observation_space.shape) == 4 else 1
     bins = ActionBins(stream_action_space(envs.single_action_space, envs.single_observation_space), cfg.action_bins)
-    explorer = RandomExplorer(bins, num_envs * per_env, np.random.default_rng([cfg.seed, len(files)]))
+    explorer = RandomExplorer(bins, np.random.default_rng([cfg.seed, len(files)]))
+    explorer.reset(num_envs * per_env)
     obs, _ = envs.reset(seed=cfg.seed * 100_000 + len(files))
 
     def new_episode(frame):
