@@ -5,8 +5,9 @@ One file, read top to bottom like the paper's appendix:
   2. small utilities (errors, devices, loss normalization, PSNR)
   3. the block-causal transformer (paper Sec. 3.1; SPEC Sec. 1)
   4. the causal tokenizer, a masked autoencoder (Eq. 5; SPEC Sec. 2)
-  5. environments, action binning, online collection and the episode dataset
-  6. checkpoints, metrics and videos
+  5. the interactive dynamics with shortcut forcing (Eq. 6-8; SPEC Sec. 3)
+  6. environments, action binning, online collection and the episode dataset
+  7. checkpoints, metrics and videos
 Equation numbers are the paper's; "SPEC" is ../shared/SPEC.md. Choices the paper leaves open are marked (ours).
 """
 import argparse
@@ -74,6 +75,21 @@ class Config:
     latent_dim: int = arg(32, "bottleneck width per latent token (D_latent), squashed by tanh")
     max_mask_prob: float = arg(0.9, "MAE: per frame p ~ U(0, max_mask_prob) of the patches are masked")
     lpips_weight: float = arg(0.0, "weight of the LPIPS term (paper: 0.2); needs the lpips package; 0 = off")
+    # interactive dynamics (SPEC Sec. 3)
+    dynamics_steps: int = arg(100_000, "dynamics training steps (--steps in train_dynamics.py)")
+    dyn_dim: int = arg(512, "dynamics width")
+    dyn_heads: int = arg(8, "dynamics query heads")
+    dyn_kv_heads: int = arg(2, "dynamics key/value heads (grouped-query attention)")
+    dyn_layers: int = arg(12, "dynamics blocks")
+    latent_tokens: int = arg(16, "tokens per frame holding z (S_z); N_latent must be a multiple")
+    action_tokens: int = arg(1, "action tokens per frame (S_a)")
+    register_tokens: int = arg(4, "register tokens per frame (S_r)")
+    max_shortcut_steps: int = arg(64, "K_max: the finest step size is d_min = 1/K_max")
+    bootstrap_fraction: float = arg(0.25, "fraction of frames trained with the bootstrap (d > d_min) term (ours)")
+    single_frame_fraction: float = arg(0.3, "fraction of sequences trained as independent single frames")
+    context_signal: float = arg(0.9, "signal level of context frames in generation: 0.9 z + 0.1 noise")
+    sampling_steps: int = arg(4, "shortcut steps per generated frame (K)")
+    dyn_seq_len: int = arg(32, "frames per dynamics training sequence")
     # optimization
     batch_size: int = arg(32, "sequences per batch")
     seq_len: int = arg(8, "frames per training sequence")
@@ -90,14 +106,16 @@ PRESETS = {
     "tiny": dict(image_size=32, collect_frames=320, max_episode_steps=200, zoom_skip=4, holdout_every=2,
                  checkpointing=False, patch_size=8, tok_dim=32, tok_heads=2, tok_kv_heads=1, tok_enc_layers=2,
                  tok_dec_layers=2, num_latents=4, latent_dim=8, batch_size=4, seq_len=4, lr=1e-3, warmup_steps=5,
-                 mae_steps=20, eval_every=10, save_every=10, eval_sequences=4),
+                 mae_steps=20, eval_every=10, save_every=10, eval_sequences=4, dynamics_steps=20, dyn_dim=32,
+                 dyn_heads=2, dyn_kv_heads=1, dyn_layers=2, latent_tokens=2, register_tokens=1, dyn_seq_len=6),
     "small": dict(image_size=64, collect_frames=10_000, max_episode_steps=300, checkpointing=False, patch_size=8, tok_dim=128, tok_heads=4,
                   tok_kv_heads=2, tok_enc_layers=4, tok_dec_layers=4, num_latents=16, latent_dim=16,
                   batch_size=16, seq_len=4, lr=1e-3, warmup_steps=100, mae_steps=1000, eval_every=250,
-                  save_every=250, eval_sequences=32),
+                  save_every=250, eval_sequences=32, dynamics_steps=2000, dyn_dim=128, dyn_heads=4, dyn_kv_heads=2,
+                  dyn_layers=4, latent_tokens=4, register_tokens=2, dyn_seq_len=16),
     "default": dict(),
 }
-STAGE_STEPS = {"mae": "mae_steps"}   # which field `--steps` sets in each stage script
+STAGE_STEPS = {"mae": "mae_steps", "dynamics": "dynamics_steps"}   # which field `--steps` sets in each stage script
 
 
 class ConfigError(Exception):
@@ -253,18 +271,24 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(dim, dim, bias=False)
         self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
 
-    def forward(self, x, mask=None, causal=False, positions=None):
+    def forward(self, x, mask=None, causal=False, positions=None, past=None):
+        """Returns the output and this call's keys and values. `past` = (keys, values) of earlier positions
+        (KV cache) that a single new position attends to in full."""
         n, length, dim = x.shape
         q = self.to_q(x).view(n, length, self.heads, self.head_dim).transpose(1, 2)              # (N, H, L, hd)
         k, v = self.to_kv(x).view(n, length, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (N, KV, L, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         if positions is not None:
             q, k = rope(q, positions), rope(k, positions)
+        new = (k, v)
+        if past is not None:
+            assert length == 1, "with a KV cache, add one frame at a time"
+            k, v, causal = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2), False
         if self.softcap > 0:
             out = softcapped_attention(q, k, v, mask, causal, self.softcap)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        return self.to_out(out.transpose(1, 2).reshape(n, length, dim))
+        return self.to_out(out.transpose(1, 2).reshape(n, length, dim)), new
 
 
 class Block(nn.Module):
@@ -277,17 +301,20 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads, kv_heads, cfg.softcap)
         self.mlp = SwiGLU(dim, cfg.mlp_ratio)
 
-    def forward(self, x, space_mask):
+    def forward(self, x, space_mask, past=None):
+        """Returns the output and, for a time block, this call's keys and values (for a KV cache)."""
         b, t, s, d = x.shape                                                # (B, T, S, D)
         h = self.attn_norm(x)
+        new = None
         if self.over_time:
+            start = 0 if past is None else past[0].shape[2]
             h = h.transpose(1, 2).reshape(b * s, t, d)                      # (B*S, T, D)
-            h = self.attn(h, causal=True, positions=torch.arange(t, device=x.device))
+            h, new = self.attn(h, causal=True, positions=torch.arange(start, start + t, device=x.device), past=past)
             h = h.view(b, s, t, d).transpose(1, 2)                          # (B, T, S, D)
         else:
-            h = self.attn(h.reshape(b * t, s, d), mask=space_mask).view(b, t, s, d)
+            h = self.attn(h.reshape(b * t, s, d), mask=space_mask)[0].view(b, t, s, d)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(self.mlp_norm(x)), new
 
 
 class Transformer(nn.Module):
@@ -301,13 +328,26 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(dim)
         self.checkpointing = cfg.checkpointing
 
-    def forward(self, x, space_mask):
-        for block in self.blocks:
+    def forward(self, x, space_mask, cache=None, commit=False):
+        """x (B, T, S, D) -> (B, T, S, D). With a KVCache, the time blocks attend to the cached frames too
+        (then T = 1 unless the cache is empty); commit=True appends this call's frames to the cache."""
+        for i, block in enumerate(self.blocks):
+            past = cache.layers.get(i) if cache is not None else None
             if self.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, space_mask, use_reentrant=False)
+                x, new = checkpoint(block, x, space_mask, past, use_reentrant=False)
             else:
-                x = block(x, space_mask)
+                x, new = block(x, space_mask, past)
+            if commit and new is not None:
+                cache.layers[i] = new if past is None else tuple(torch.cat(p, dim=2) for p in zip(past, new))
         return self.norm(x)
+
+
+class KVCache:
+    """Keys and values of past frames for every time block, so that each new frame costs one frame of compute.
+    layers: block index -> (keys, values), each (B*S, KV heads, T_past, head dim)."""
+
+    def __init__(self):
+        self.layers = {}
 
 
 def space_mask(groups, may_see):
@@ -431,7 +471,159 @@ class Tokenizer(nn.Module):
 
 
 # ==================================================================================================================
-# 5. Environments, action binning, online collection and the episode dataset
+# 5. Interactive dynamics with shortcut forcing (Eq. 6-8; SPEC Sec. 3)
+#    Tokens per frame t: [action a_{t-1} (S_a) | shortcut (tau_t, d_t) | registers (S_r) | z~_t (S_z)], all
+#    attending to each other within the frame and causally over time. Convention: tau = 0 is noise, 1 is clean;
+#    z~ = (1 - tau) z0 + tau z1. The network predicts clean latents (x-prediction).
+# ==================================================================================================================
+def fourier_features(x, dim):
+    """x (...) in [0, 1] -> (..., dim) sines and cosines at geometric frequencies."""
+    frequencies = 2 ** torch.arange(dim // 2, device=x.device, dtype=torch.float32)
+    angles = x.float()[..., None] * frequencies * math.pi
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class Dynamics(nn.Module):
+    def __init__(self, cfg, action_bins):
+        super().__init__()
+        if cfg.num_latents % cfg.latent_tokens:
+            raise ConfigError(f"--num-latents {cfg.num_latents} is not a multiple of --latent-tokens "
+                              f"{cfg.latent_tokens}")
+        dim = cfg.dyn_dim
+        self.num_latents, self.latent_dim, self.latent_tokens = cfg.num_latents, cfg.latent_dim, cfg.latent_tokens
+        self.max_steps, self.context_signal = cfg.max_shortcut_steps, cfg.context_signal
+        self.bootstrap_fraction, self.single_frame_fraction = cfg.bootstrap_fraction, cfg.single_frame_fraction
+        token_width = cfg.num_latents // cfg.latent_tokens * cfg.latent_dim
+        embedding = lambda *shape: nn.Parameter(torch.randn(*shape) * 0.02)  # noqa: E731
+        # actions: one embedding table per action dimension, summed with a learned base; "no action" is learned
+        self.action_tables = nn.ModuleList(nn.Embedding(n, dim) for n in action_bins)
+        self.action_base, self.no_action = embedding(dim), embedding(dim)
+        self.action_space = embedding(cfg.action_tokens, dim)
+        # shortcut token: signal level and step size embeddings, concatenated, then projected
+        self.signal_in = nn.Linear(32, dim // 2)
+        self.step_table = nn.Embedding(int(math.log2(cfg.max_shortcut_steps)) + 1, dim // 2)
+        self.shortcut_out = nn.Linear(dim // 2 * 2, dim)
+        self.registers = embedding(cfg.register_tokens, dim)
+        self.latent_in = nn.Linear(token_width, dim)
+        self.latent_space = embedding(cfg.latent_tokens, dim)
+        self.transformer = Transformer(dim, cfg.dyn_layers, cfg.dyn_heads, cfg.dyn_kv_heads, cfg)
+        self.latent_out = nn.Linear(dim, token_width)
+        self.groups = {"action": cfg.action_tokens, "shortcut": 1, "register": cfg.register_tokens,
+                       "latent": cfg.latent_tokens}
+        self.register_buffer("mask", space_mask(self.groups, {name: list(self.groups) for name in self.groups}),
+                             persistent=False)
+
+    def embed_actions(self, actions):
+        """actions (B, T, dims) bin indices, -1 where no action led to the frame -> (B, T, D)."""
+        present = actions[..., 0] >= 0
+        summed = self.action_base + sum(table(actions[..., i].clamp_min(0)) for i, table in
+                                        enumerate(self.action_tables))
+        return torch.where(present[..., None], summed, self.no_action)
+
+    def predict(self, noisy_latents, signal_level, step_size, actions, cache=None, commit=False):
+        """The network (Eq. 6): noisy_latents (B, T, N_latent, D_latent), signal_level tau (B, T) in [0, 1],
+        step_size d (B, T) in {1, 1/2, ..., 1/K_max}, actions (B, T, dims) bin indices (-1: none) ->
+        predicted clean latents (B, T, N_latent, D_latent). With a KVCache, T = 1 frame after the cached ones."""
+        b, t = noisy_latents.shape[:2]
+        latents = self.latent_in(noisy_latents.reshape(b, t, self.latent_tokens, -1)) + self.latent_space
+        step_index = torch.log2(1 / step_size).round().long()
+        shortcut = self.shortcut_out(torch.cat([self.signal_in(fourier_features(signal_level, 32)),
+                                                self.step_table(step_index)], dim=-1))
+        x = torch.cat([(self.embed_actions(actions)[:, :, None] + self.action_space).to(latents.dtype),
+                       shortcut[:, :, None].to(latents.dtype),
+                       self.registers.expand(b, t, -1, -1).to(latents.dtype), latents], dim=2)   # (B, T, S, D)
+        x = self.transformer(x, self.mask, cache, commit)
+        out = self.latent_out(x[:, :, -self.latent_tokens:])
+        return out.reshape(b, t, self.num_latents, self.latent_dim)
+
+    def sample_levels(self, b, t, device):
+        """Per frame (diffusion forcing): d = d_min with probability 1 - bootstrap_fraction, else d = 1/k with
+        k uniform over {1, 2, 4, ..., K_max / 2}; tau uniform on {0, d, ..., 1 - d}."""
+        coarse = torch.randint(0, int(math.log2(self.max_steps)), (b, t), device=device)
+        k = torch.where(torch.rand(b, t, device=device) < self.bootstrap_fraction, 2 ** coarse,
+                        torch.full_like(coarse, self.max_steps))
+        step_size = 1 / k.float()
+        signal_level = (torch.rand(b, t, device=device) * k).floor() / k
+        return signal_level, step_size
+
+    def loss(self, latents, actions):
+        """Shortcut forcing (Eq. 7-8) on clean latents (B, T, N_latent, D_latent) and actions (B, T, dims): one
+        loss term, the mean over frames of the flow or bootstrap loss. A fraction of the sequences is trained as
+        independent single frames."""
+        single = round(self.single_frame_fraction * len(latents))
+        total, count = 0.0, 0
+        for z1, a in ((latents[single:], actions[single:]),
+                      (latents[:single].flatten(0, 1)[:, None], actions[:single].flatten(0, 1)[:, None])):
+            if len(z1):
+                flow, boot = self.shortcut_terms(z1, a)
+                total, count = total + (flow + boot).sum(), count + flow.numel()
+        return {"dynamics": total / count}
+
+    def shortcut_terms(self, z1, actions):
+        """Per-frame weighted flow and bootstrap losses (B, T), each zero where the other term applies."""
+        b, t = z1.shape[:2]
+        signal_level, step_size = self.sample_levels(b, t, z1.device)
+        tau, d = signal_level[..., None, None], step_size[..., None, None]
+        noisy = (1 - tau) * torch.randn_like(z1) + tau * z1
+        prediction = self.predict(noisy, signal_level, step_size, actions).float()
+        bootstrap = step_size > 1 / self.max_steps
+        with torch.no_grad():   # target from two half steps, no gradient through it
+            half = torch.where(bootstrap, step_size / 2, step_size)
+            first = (self.predict(noisy, signal_level, half, actions).float() - noisy) / (1 - tau)
+            midway = torch.where(bootstrap[..., None, None], noisy + first * d / 2, noisy)   # others unchanged
+            second_level = torch.where(bootstrap, signal_level + half, signal_level)
+            second = (self.predict(midway, second_level, half, actions).float() - midway) / (1 - tau - d / 2)
+            target_velocity = (first + second) / 2
+        weight = 0.9 * signal_level + 0.1                                     # ramp w(tau)
+        flow = ((prediction - z1) ** 2).flatten(2).mean(-1)
+        velocity = (prediction - noisy) / (1 - tau)
+        boot = ((1 - tau) ** 2 * (velocity - target_velocity) ** 2).flatten(2).mean(-1)
+        return weight * flow * ~bootstrap, weight * boot * bootstrap
+
+    @torch.no_grad()
+    def generate(self, context_latents, context_actions, actions, steps=4, use_cache=True, generator=None):
+        """Autoregressive generation (SPEC Sec. 3). context_latents (B, C, N, Dl) and the actions that led to
+        them (B, C, dims); actions (B, H, dims) lead to the H new frames. Each new frame starts from noise and
+        takes `steps` shortcut steps of size d = 1/steps; past frames are seen corrupted to signal level
+        context_signal. Returns (B, H, N, Dl). With use_cache, each new frame costs one frame of compute; without,
+        every step reruns the whole sequence (same result: a test checks)."""
+        b, c = context_latents.shape[:2]
+        h, device = actions.shape[1], context_latents.device
+        noise = torch.randn(b, c + h, *context_latents.shape[2:], device=device, generator=generator)
+        start = torch.randn(b, h, *context_latents.shape[2:], device=device, generator=generator)
+        corrupt = lambda z, i: (1 - self.context_signal) * noise[:, i:i + z.shape[1]] + self.context_signal * z  # noqa
+        level = lambda value, n: torch.full((b, n), value, device=device)  # noqa: E731
+        fine = 1 / self.max_steps
+        all_actions = torch.cat([context_actions, actions], dim=1)
+        cache = KVCache() if use_cache else None
+        context = corrupt(context_latents, 0)
+        if use_cache:
+            self.predict(context, level(self.context_signal, c), level(fine, c), context_actions, cache, commit=True)
+        frames = []
+        for i in range(h):
+            t = c + i
+            z = start[:, i:i + 1]
+            for j in range(steps):
+                tau = j / steps
+                if use_cache:
+                    predicted = self.predict(z, level(tau, 1), level(1 / steps, 1), actions[:, i:i + 1], cache)
+                else:
+                    sequence = torch.cat([context, z], dim=1)
+                    levels = torch.cat([level(self.context_signal, t), level(tau, 1)], dim=1)
+                    sizes = torch.cat([level(fine, t), level(1 / steps, 1)], dim=1)
+                    predicted = self.predict(sequence, levels, sizes, all_actions[:, :t + 1])[:, -1:]
+                z = z + (predicted.float() - z) / (1 - tau) * (1 / steps)
+            frames.append(z)
+            corrupted = corrupt(z, t)
+            if use_cache:
+                self.predict(corrupted, level(self.context_signal, 1), level(fine, 1), actions[:, i:i + 1], cache,
+                             commit=True)
+            context = torch.cat([context, corrupted], dim=1)
+        return torch.cat(frames, dim=1)
+
+
+# ==================================================================================================================
+# 6. Environments, action binning, online collection and the episode dataset
 #    Episodes are stored frame-aligned (SPEC Sec. 3, ours): row t holds frame o_t, the action a_{t-1} that led to
 #    it (zeros at t = 0, marked by `first`), the reward r_t received on arriving at o_t, and whether o_t is
 #    terminal / truncated.
@@ -764,7 +956,7 @@ def frames_to_uint8(frames):
 
 
 # ==================================================================================================================
-# 6. Checkpoints, metrics and videos
+# 7. Checkpoints, metrics and videos
 # ==================================================================================================================
 def save_checkpoint(path, **state):
     """torch.save to a temporary file, then an atomic rename: an interruption never leaves half a checkpoint."""

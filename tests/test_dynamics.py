@@ -1,0 +1,123 @@
+"""The interactive dynamics (SPEC Sec. 3): causality, action conditioning, shortcut forcing, cached generation."""
+import dataclasses
+
+import pytest
+import torch
+
+import dreamer4 as d4
+
+BINS = [5, 3]   # two action dimensions
+
+
+@pytest.fixture
+def dynamics(tiny_cfg):
+    return d4.Dynamics(tiny_cfg, BINS).eval()
+
+
+def inputs(cfg, b=2, t=5):
+    latents = torch.rand(b, t, cfg.num_latents, cfg.latent_dim) * 2 - 1
+    actions = torch.stack([torch.randint(0, n, (b, t)) for n in BINS], dim=-1)
+    actions[:, 0] = -1   # no action leads to the first frame
+    return latents, torch.rand(b, t), torch.full((b, t), 1 / 64), actions
+
+
+def test_a_frames_prediction_never_changes_when_future_latents_or_actions_change(dynamics, tiny_cfg):
+    latents, levels, sizes, actions = inputs(tiny_cfg)
+    out = dynamics.predict(latents, levels, sizes, actions)
+    changed_latents, changed_actions = latents.clone(), actions.clone()
+    changed_latents[:, 3:] = -changed_latents[:, 3:]
+    changed_actions[:, 3:] = (changed_actions[:, 3:] + 1) % torch.tensor(BINS)
+    changed = dynamics.predict(changed_latents, levels, sizes, changed_actions)
+    torch.testing.assert_close(out[:, :3], changed[:, :3])
+    assert (out[:, 3:] - changed[:, 3:]).abs().amax() > 1e-4
+
+
+def test_the_action_that_led_to_a_frame_changes_its_prediction(dynamics, tiny_cfg):
+    latents, levels, sizes, actions = inputs(tiny_cfg)
+    out = dynamics.predict(latents, levels, sizes, actions)
+    for change in ((actions[:, 2] + 1) % torch.tensor(BINS), torch.full_like(actions[:, 2], -1)):
+        changed = actions.clone()
+        changed[:, 2] = change
+        other = dynamics.predict(latents, levels, sizes, changed)
+        torch.testing.assert_close(out[:, :2], other[:, :2])
+        assert (out[:, 2] - other[:, 2]).abs().amax() > 1e-4
+
+
+def test_every_token_of_a_frame_attends_to_every_other(dynamics):
+    assert dynamics.mask.all() and dynamics.mask.shape == (1 + 1 + 1 + 2,) * 2
+
+
+def test_at_d_min_the_loss_is_the_weighted_x_space_mse(tiny_cfg):
+    dynamics = d4.Dynamics(dataclasses.replace(tiny_cfg, bootstrap_fraction=0.0, single_frame_fraction=0.0), BINS)
+    latents, _, _, actions = inputs(tiny_cfg)
+    torch.manual_seed(1)
+    loss = dynamics.loss(latents, actions)["dynamics"]
+    torch.manual_seed(1)
+    levels, sizes = dynamics.sample_levels(2, 5, "cpu")
+    assert (sizes == 1 / 64).all()
+    tau = levels[..., None, None]
+    noisy = (1 - tau) * torch.randn_like(latents) + tau * latents
+    mse = ((dynamics.predict(noisy, levels, sizes, actions) - latents) ** 2).mean((2, 3))
+    torch.testing.assert_close(loss, ((0.9 * levels + 0.1) * mse).mean())
+
+
+def test_the_bootstrap_target_matches_a_hand_computation(tiny_cfg, monkeypatch):
+    """Stand-in network f(z, tau, d) = 2 z + tau d, one frame, one latent value, tau = 1/4, d = 1/2."""
+    dynamics = d4.Dynamics(dataclasses.replace(tiny_cfg, num_latents=1, latent_dim=1, latent_tokens=1), BINS)
+    monkeypatch.setattr(dynamics, "sample_levels", lambda b, t, device: (torch.full((b, t), 0.25),
+                                                                          torch.full((b, t), 0.5)))
+    monkeypatch.setattr(dynamics, "predict", lambda z, tau, d, a: 2 * z + (tau * d)[..., None, None])
+    monkeypatch.setattr(torch, "randn_like", lambda x: torch.full_like(x, -1.0))   # z0 = -1
+    z1 = torch.full((1, 1, 1, 1), 0.6)
+    flow, boot = dynamics.shortcut_terms(z1, torch.zeros(1, 1, 2, dtype=torch.long))
+    # by hand: z~ = 0.75 * -1 + 0.25 * 0.6 = -0.6
+    # b'  = (f(-0.6, 1/4, 1/4) - -0.6) / 0.75 = (-1.2 + 0.0625 + 0.6) / 0.75 = -0.716666...
+    # z'  = -0.6 + b' * 0.25 = -0.7791666...
+    # b'' = (f(z', 1/2, 1/4) - z') / 0.5 = (-1.5583333 + 0.125 + 0.7791666) / 0.5 = -1.3083333...
+    # prediction f(-0.6, 1/4, 1/2) = -1.075; velocity = (-1.075 + 0.6) / 0.75 = -0.6333333...
+    # loss = w(1/4) (1 - 1/4)^2 (velocity - (b' + b'') / 2)^2 = 0.325 * 0.5625 * (0.3791666...)^2
+    assert flow.item() == 0
+    assert boot.item() == pytest.approx(0.325 * 0.5625 * (-0.6333333333 + (0.7166666667 + 1.3083333333) / 2) ** 2)
+
+
+def test_cached_generation_equals_uncached(dynamics, tiny_cfg):
+    latents, _, _, actions = inputs(tiny_cfg, t=7)
+    runs = [dynamics.generate(latents[:, :3], actions[:, :3], actions[:, 3:], steps=4, use_cache=use_cache,
+                              generator=torch.Generator().manual_seed(0)) for use_cache in (True, False)]
+    assert runs[0].shape == (2, 4, tiny_cfg.num_latents, tiny_cfg.latent_dim)
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_generated_frames_follow_the_given_actions(dynamics, tiny_cfg):
+    latents, _, _, actions = inputs(tiny_cfg, t=6)
+    generate = lambda future: dynamics.generate(latents[:, :3], actions[:, :3], future,  # noqa: E731
+                                                generator=torch.Generator().manual_seed(0))
+    other = actions[:, 3:].clone()
+    other[:, 1] = (other[:, 1] + 1) % torch.tensor(BINS)
+    first, second = generate(actions[:, 3:]), generate(other)
+    torch.testing.assert_close(first[:, :1], second[:, :1])       # frame 3 is led to by the unchanged action
+    assert (first[:, 1:] - second[:, 1:]).abs().amax() > 1e-4
+
+
+def test_the_loss_of_a_tiny_model_falls_on_a_fixed_batch(tiny_cfg):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_cfg, lr=3e-3, warmup_steps=1)
+    dynamics = d4.Dynamics(cfg, BINS)
+    trainer = d4.Trainer(dynamics, cfg, torch.device("cpu"))
+    latents, _, _, actions = inputs(cfg, b=8, t=6)
+    def mean_loss():
+        torch.manual_seed(123)
+        return sum(dynamics.loss(latents, actions)["dynamics"].item() for _ in range(8)) / 8
+    before = mean_loss()
+    for _ in range(60):
+        trainer.step(dynamics.loss, latents, actions)
+    after = mean_loss()
+    print(f"loss {before:.3f} -> {after:.3f}")
+    assert after < 0.5 * before, (before, after)
+
+
+def test_dynamics_checkpoints_round_trip(dynamics, tmp_path):
+    d4.save_checkpoint(tmp_path / "dynamics.pt", model=dynamics.state_dict())
+    state = d4.load_checkpoint(tmp_path / "dynamics.pt")["model"]
+    assert state.keys() == dynamics.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in dynamics.state_dict().items())
