@@ -1,7 +1,8 @@
 """Speed and memory of the training steps, one row per preset, each measured in a fresh process:
 frames/s, peak memory (CUDA max allocated on a GPU, peak RSS on the CPU), model FLOPs per step (counted by
-torch's FlopCounterMode, attention included) and the achieved fraction of this machine's measured matmul rate.
-Then the simulators: steps/s and frames/s of MultiCarRacing-v0 with N = 1, 2, 4 cars next to CarRacing-v3.
+torch's FlopCounterMode, attention included) and the achieved fraction of this machine's measured matmul rate:
+the tokenizer's step, and the dynamics step with and without activation checkpointing. Then generation frames/s
+with and without the KV cache at K = 1, 2, 4 shortcut steps, batch 1 and a large batch. Then the simulators: steps/s and frames/s of MultiCarRacing-v0 with N = 1, 2, 4 cars next to CarRacing-v3.
 
     python bench.py --presets tiny small            # the CPU table in the README
     python bench.py --device cuda                   # every preset on the GPU
@@ -67,24 +68,65 @@ def tokenizer_step(preset, device_name, steps, warmup, checkpointing):
     frames = torch.rand(cfg.batch_size, cfg.seq_len, 3, cfg.image_size, cfg.image_size, device=device)
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
         trainer.step(tokenizer.loss, frames)
-    for _ in range(warmup):
-        trainer.step(tokenizer.loss, frames)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.step(tokenizer.loss, frames)
-    synchronize(device)
-    seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    seconds, peak = timed(lambda: trainer.step(tokenizer.loss, frames), device, steps, warmup)
     flops = counter.get_total_flops()
     return dict(row=f"tokenizer train ({preset})", device=str(device), checkpointing=cfg.checkpointing,
                 frames=cfg.batch_size * cfg.seq_len, frames_per_s=cfg.batch_size * cfg.seq_len / seconds,
                 ms_per_step=1000 * seconds, peak_mib=peak / 2 ** 20, gflop_per_step=flops / 1e9,
                 achieved=flops / seconds / matmul_rate(device), params_m=sum(p.numel() for p in
                                                                              tokenizer.parameters()) / 1e6)
+
+
+def dynamics_step(preset, device_name, steps, warmup, checkpointing):
+    """Times the dynamics training step (shortcut forcing) on random latents of the preset's shape."""
+    cfg = d4.parse_config("dynamics", "", ["--preset", preset, "--device", device_name,
+                                            "--checkpointing" if checkpointing else "--no-checkpointing"])
+    device = d4.pick_device(cfg.device)
+    torch.manual_seed(0)
+    dynamics = d4.Dynamics(cfg, [cfg.action_bins] * 3).to(device)
+    trainer = d4.Trainer(dynamics, cfg, device)
+    latents = torch.rand(cfg.batch_size, cfg.dyn_seq_len, cfg.num_latents, cfg.latent_dim, device=device) * 2 - 1
+    actions = torch.randint(0, cfg.action_bins, (cfg.batch_size, cfg.dyn_seq_len, 3), device=device)
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+        trainer.step(dynamics.loss, latents, actions)
+    seconds, peak = timed(lambda: trainer.step(dynamics.loss, latents, actions), device, steps, warmup)
+    flops = counter.get_total_flops()
+    frames = cfg.batch_size * cfg.dyn_seq_len
+    return dict(row=f"dynamics train ({preset})", device=str(device), checkpointing=checkpointing, frames=frames,
+                frames_per_s=frames / seconds, ms_per_step=1000 * seconds, peak_mib=peak / 2 ** 20,
+                gflop_per_step=flops / 1e9, achieved=flops / seconds / matmul_rate(device),
+                params_m=sum(p.numel() for p in dynamics.parameters()) / 1e6)
+
+
+def generation_speed(preset, device_name, batch, steps, use_cache, context=16, horizon=64):
+    """Generated frames/s: a 16-frame context, then a 64-frame open-loop rollout."""
+    cfg = d4.parse_config("dynamics", "", ["--preset", preset, "--device", device_name])
+    device = d4.pick_device(cfg.device)
+    torch.manual_seed(0)
+    dynamics = d4.Dynamics(cfg, [cfg.action_bins] * 3).to(device).eval()
+    latents = torch.rand(batch, context, cfg.num_latents, cfg.latent_dim, device=device) * 2 - 1
+    actions = torch.randint(0, cfg.action_bins, (batch, context + horizon, 3), device=device)
+    generate = lambda: dynamics.generate(latents, actions[:, :context], actions[:, context:], steps,  # noqa: E731
+                                         use_cache=use_cache)
+    with d4.autocast(device):
+        seconds, _ = timed(generate, device, 1, 1)
+    return batch * horizon / seconds
+
+
+def timed(step, device, steps, warmup):
+    """Seconds per call after `warmup` untimed calls, and peak memory (CUDA allocated, else process RSS)."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return (time.perf_counter() - start) / steps, peak
 
 
 def env_speed(env_id, cars, steps):
@@ -116,18 +158,31 @@ def main():
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="force activation checkpointing on or off (default: the preset's)")
     parser.add_argument("--env-steps", type=int, default=300, help="timed simulator steps per env row (0: none)")
+    parser.add_argument("--generation-batch", type=int, default=32, help="the large batch of the generation rows")
     args = parser.parse_args()
     context = multiprocessing.get_context("spawn")   # a fresh process per row: its peak memory is its own
     header = f"{'row':28} {'device':6} {'ckpt':>5} {'frames':>6} {'frames/s':>9} {'ms/step':>9} {'peak MiB':>9} " \
              f"{'GFLOP/step':>10} {'of matmul':>9} {'params':>8}"
     print(header)
     print("-" * len(header))
-    for preset in args.presets:
+    rows = [(tokenizer_step, (preset, args.device, args.steps, args.warmup, args.checkpointing))
+            for preset in args.presets]
+    rows += [(dynamics_step, (preset, args.device, args.steps, args.warmup, checkpointing))
+             for preset in args.presets for checkpointing in (False, True)]
+    for function, arguments in rows:
         with context.Pool(1) as pool:
-            r = pool.apply(tokenizer_step, (preset, args.device, args.steps, args.warmup, args.checkpointing))
+            r = pool.apply(function, arguments)
         print(f"{r['row']:28} {r['device']:6} {str(r['checkpointing']):>5} {r['frames']:6d} "
               f"{r['frames_per_s']:9.1f} {r['ms_per_step']:9.1f} {r['peak_mib']:9.0f} {r['gflop_per_step']:10.2f} "
               f"{r['achieved']:9.1%} {r['params_m']:7.2f}M", flush=True)
+    print(f"\n{'generation, 16-frame context, 64-frame rollout':48} {'K':>2} {'batch':>5} {'frames/s cached':>16} "
+          f"{'uncached':>9}")
+    for preset in args.presets:
+        for batch in (1, args.generation_batch):
+            for steps in (1, 2, 4):
+                rates = [generation_speed(preset, args.device, batch, steps, use_cache) for use_cache in (True, False)]
+                print(f"{'dynamics (' + preset + ')':48} {steps:2d} {batch:5d} {rates[0]:16.1f} {rates[1]:9.1f}",
+                      flush=True)
     if args.env_steps:
         print(f"\n{'simulator':28} {'steps/s':>9} {'frames/s':>9}")
         for env_id, cars in [("CarRacing-v3", 1), ("MultiCarRacing-v0", 1), ("MultiCarRacing-v0", 2),

@@ -90,6 +90,8 @@ class Config:
     context_signal: float = arg(0.9, "signal level of context frames in generation: 0.9 z + 0.1 noise")
     sampling_steps: int = arg(4, "shortcut steps per generated frame (K)")
     dyn_seq_len: int = arg(32, "frames per dynamics training sequence")
+    eval_context: int = arg(8, "real context frames before an evaluation rollout")
+    eval_horizon: int = arg(16, "frames generated open-loop in an evaluation rollout")
     # optimization
     batch_size: int = arg(32, "sequences per batch")
     seq_len: int = arg(8, "frames per training sequence")
@@ -107,12 +109,14 @@ PRESETS = {
                  checkpointing=False, patch_size=8, tok_dim=32, tok_heads=2, tok_kv_heads=1, tok_enc_layers=2,
                  tok_dec_layers=2, num_latents=4, latent_dim=8, batch_size=4, seq_len=4, lr=1e-3, warmup_steps=5,
                  mae_steps=20, eval_every=10, save_every=10, eval_sequences=4, dynamics_steps=20, dyn_dim=32,
-                 dyn_heads=2, dyn_kv_heads=1, dyn_layers=2, latent_tokens=2, register_tokens=1, dyn_seq_len=6),
+                 dyn_heads=2, dyn_kv_heads=1, dyn_layers=2, latent_tokens=2, register_tokens=1, dyn_seq_len=6,
+                 eval_context=2, eval_horizon=3),
     "small": dict(image_size=64, collect_frames=10_000, max_episode_steps=300, checkpointing=False, patch_size=8, tok_dim=128, tok_heads=4,
                   tok_kv_heads=2, tok_enc_layers=4, tok_dec_layers=4, num_latents=16, latent_dim=16,
                   batch_size=16, seq_len=4, lr=1e-3, warmup_steps=100, mae_steps=1000, eval_every=250,
-                  save_every=250, eval_sequences=32, dynamics_steps=2000, dyn_dim=128, dyn_heads=4, dyn_kv_heads=2,
-                  dyn_layers=4, latent_tokens=4, register_tokens=2, dyn_seq_len=16),
+                  save_every=250, eval_sequences=32, dynamics_steps=4000, dyn_dim=128, dyn_heads=4, dyn_kv_heads=2,
+                  dyn_layers=4, latent_tokens=4, register_tokens=2, dyn_seq_len=16, eval_context=8,
+                  eval_horizon=8),
     "default": dict(),
 }
 STAGE_STEPS = {"mae": "mae_steps", "dynamics": "dynamics_steps"}   # which field `--steps` sets in each stage script
@@ -948,6 +952,27 @@ class EpisodeDataset:
 def frames_to_tensor(frames, device):
     """uint8 (B, T, H, W, 3) numpy -> float (B, T, 3, H, W) in [0, 1] on device."""
     return torch.from_numpy(frames).to(device).permute(0, 1, 4, 2, 3).float() / 255
+
+
+@torch.no_grad()
+def encode_dataset(tokenizer, dataset, window, device, batch=32):
+    """Latents of every frame (N, N_latent, D_latent) float16, encoded once by the frozen tokenizer in
+    non-overlapping windows of `window` frames inside each episode (its training context), with a progress bar."""
+    from tqdm import tqdm
+
+    latents = np.empty((len(dataset.frames), tokenizer.num_latents, tokenizer.to_latent.out_features), np.float16)
+    starts = [(s, min(window, start + n - s)) for start, n in zip(dataset.starts, dataset.lengths)
+              for s in range(start, start + n, window)]
+    with tqdm(total=len(dataset.frames), desc="encode", unit="frame") as bar:
+        for length in sorted({n for _, n in starts}):
+            group = [s for s, n in starts if n == length]
+            for i in range(0, len(group), batch):
+                index = np.array(group[i:i + batch])[:, None] + np.arange(length)
+                with autocast(device):
+                    z = tokenizer.encode(frames_to_tensor(dataset.frames[index], device))
+                latents[index] = z.float().cpu().numpy()
+                bar.update(index.size)
+    return latents
 
 
 def frames_to_uint8(frames):

@@ -98,3 +98,23 @@ def test_train_mae_runs_on_multi_car_racing(tmp_path):
     assert len(d4.episode_files(tmp_path / "data")) == 2 * 2   # one episode per car of each of the 2 envs
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in records if "psnr" in r] == [10]
+
+
+def test_train_dynamics_refuses_a_run_without_a_tokenizer(tmp_path):
+    line = one_line_error(run("train_dynamics.py", *TINY, "--run-dir", str(tmp_path)))
+    assert "tokenizer.pt" in line and "train_mae.py" in line
+
+
+def test_train_dynamics_trains_resumes_and_reports_rollouts_against_baselines(tiny_run):
+    run_dir, _ = tiny_run
+    first = run("train_dynamics.py", *TINY, "--run-dir", str(run_dir), "--steps", "10")
+    assert first.returncode == 0, first.stderr
+    second = run("train_dynamics.py", *TINY, "--run-dir", str(run_dir), "--steps", "20", "--resume")
+    assert second.returncode == 0, second.stderr
+    assert torch.load(run_dir / "dynamics.pt", weights_only=True)["step"] == 20
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    evals = [r for r in records if r["stage"] == "dynamics" and "rollout_psnr" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    for key in ("rollout", "copy", "shuffled", "recon"):
+        assert len(evals[-1][f"{key}_psnr_h"]) == 3 and 0 < evals[-1][f"{key}_psnr"] < 60
+    assert (run_dir / "latents_20.npy").exists() and (run_dir / "videos" / "dynamics_0000020.mp4").exists()

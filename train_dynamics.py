@@ -1,0 +1,133 @@
+"""Stage 2: train the interactive dynamics with shortcut forcing (Eq. 6-8) on the frozen tokenizer's latents.
+
+    python train_dynamics.py --preset small --run-dir runs/small      # after train_mae.py on the same run
+
+Reads tokenizer.pt and data/ from --run-dir; writes latents_<tokenizer step>.npy (the encoded dataset),
+dynamics.pt, metrics.jsonl and videos/dynamics_*.mp4 (truth | dream).
+"""
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dreamer4 as d4
+
+
+@torch.no_grad()
+def evaluate(dynamics, tokenizer, batch, cfg, device):
+    """Open-loop rollouts on held-out windows: C real context frames, then H frames generated from the true
+    actions, decoded and scored by PSNR per horizon against the real frames. Measured alike, through the same
+    decoder: the last context frame copied forward (its latents repeated), the same model fed actions shuffled
+    across the batch, and the tokenizer's reconstruction of the true frames (the ceiling for any dream)."""
+    dynamics.eval()
+    c = cfg.eval_context
+    latents, actions = batch["latents"], batch["actions"]
+    truth = d4.frames_to_tensor(batch["frames"], device)
+    shuffled = actions[torch.randperm(len(actions), generator=torch.Generator().manual_seed(0))]
+
+    def decode_after_context(future):   # the decoder is causal in time: decode after the real context
+        with d4.autocast(device):
+            return tokenizer.decode(torch.cat([latents[:, :c], future], dim=1))[:, c:].float()
+
+    def rollout(future_actions):
+        return decode_after_context(dynamics.generate(
+            latents[:, :c], actions[:, :c], future_actions[:, c:], cfg.sampling_steps,
+            generator=torch.Generator(device).manual_seed(cfg.seed)))
+
+    dreams, dreams_shuffled = rollout(actions), rollout(shuffled)
+    copy = decode_after_context(latents[:, c - 1:c].expand_as(latents[:, c:]))
+    reconstruction = decode_after_context(latents[:, c:])
+    per_horizon = lambda frames: [d4.psnr(frames[:, h:h + 1], truth[:, c + h:c + h + 1]).item()  # noqa: E731
+                                  for h in range(frames.shape[1])]
+    metrics = dict(rollout_psnr_h=per_horizon(dreams), copy_psnr_h=per_horizon(copy),
+                   shuffled_psnr_h=per_horizon(dreams_shuffled), recon_psnr_h=per_horizon(reconstruction))
+    for key in ("rollout", "copy", "shuffled", "recon"):
+        metrics[f"{key}_psnr"] = float(np.mean(metrics[f"{key}_psnr_h"]))
+    dynamics.train()
+    with d4.autocast(device):
+        context = tokenizer.decode(latents[:1, :c]).float()
+    columns = [d4.frames_to_uint8(truth[0]), d4.frames_to_uint8(torch.cat([context[0], dreams[0]]))]
+    return metrics, columns
+
+
+def main():
+    cfg = d4.parse_config("dynamics", __doc__)
+    run_dir = Path(cfg.run_dir)
+    checkpoint_path = run_dir / "dynamics.pt"
+    tokenizer_state = d4.load_checkpoint(run_dir / "tokenizer.pt", "run train_mae.py on this --run-dir first")
+    if checkpoint_path.exists() and not cfg.resume:
+        raise d4.ConfigError(f"{checkpoint_path} exists; pass --resume to continue it or pick another --run-dir")
+    state = d4.load_checkpoint(checkpoint_path, "run without --resume to start training") if cfg.resume else None
+    d4.seed_everything(cfg.seed)
+    device = d4.pick_device(cfg.device)
+
+    tokenizer_cfg = d4.Config(**tokenizer_state["config"])
+    tokenizer = d4.Tokenizer(tokenizer_cfg).to(device).eval().requires_grad_(False)
+    tokenizer.load_state_dict(tokenizer_state["model"])
+    cfg = dataclasses.replace(cfg, env=tokenizer_cfg.env, image_size=tokenizer_cfg.image_size,
+                              num_latents=tokenizer_cfg.num_latents, latent_dim=tokenizer_cfg.latent_dim)
+    dataset = d4.EpisodeDataset(run_dir / "data", cfg.holdout_every)
+    cache_path = run_dir / f"latents_{tokenizer_state['step']}.npy"   # tied to this tokenizer's weights
+    if not cache_path.exists():
+        np.save(str(cache_path) + ".tmp.npy", d4.encode_dataset(tokenizer, dataset, tokenizer_cfg.seq_len, device))
+        Path(str(cache_path) + ".tmp.npy").replace(cache_path)
+    latents = np.load(cache_path)
+    env = d4.make_env(cfg)
+    bins = d4.ActionBins(d4.stream_action_space(env.action_space, env.observation_space), cfg.action_bins)
+    env.close()
+    action_bins = np.where(dataset.first[:, None], -1, bins.to_bins(dataset.actions))   # (N, dims), -1: none
+
+    def sample(batch, length, split, rng):
+        index = rng.choice(dataset.window_starts(split, length), size=batch)[:, None] + np.arange(length)
+        return dict(latents=torch.from_numpy(latents[index]).to(device).float(),
+                    actions=torch.from_numpy(action_bins[index]).to(device), frames=dataset.frames[index])
+
+    dynamics = d4.Dynamics(cfg, bins.bins).to(device)
+    trainer = d4.Trainer(dynamics, cfg, device)
+    step = 0
+    if state:
+        dynamics.load_state_dict(state["model"])
+        trainer.load_state_dict(state["trainer"])
+        step = state["step"]
+
+    def save():
+        d4.save_checkpoint(checkpoint_path, model=dynamics.state_dict(), trainer=trainer.state_dict(), step=step,
+                           action_bins=bins.bins, config=dataclasses.asdict(cfg))
+
+    logger = d4.Logger(cfg, "dynamics")
+    eval_batch = sample(cfg.eval_sequences, cfg.eval_context + cfg.eval_horizon, "eval",
+                        np.random.default_rng(cfg.seed))
+    rng = np.random.default_rng([cfg.seed, step])
+    bar = tqdm(total=cfg.dynamics_steps, initial=step, desc="dynamics", unit="step")
+    try:
+        while step < cfg.dynamics_steps:
+            batch = sample(cfg.batch_size, cfg.dyn_seq_len, "train", rng)
+            metrics = trainer.step(dynamics.loss, batch["latents"], batch["actions"])
+            step += 1
+            bar.update(1)
+            if step % 50 == 0 or step == cfg.dynamics_steps:
+                logger.log(step, **metrics)
+                bar.set_postfix(loss=f"{metrics['dynamics']:.4f}")
+            if step % cfg.eval_every == 0 or step == cfg.dynamics_steps:
+                scores, columns = evaluate(dynamics, tokenizer, eval_batch, cfg, device)
+                logger.log(step, **scores)
+                video = run_dir / "videos" / f"dynamics_{step:07d}.mp4"
+                d4.write_video(video, columns)
+                logger.video(step, video)
+                bar.write(f"step {step}: rollout PSNR {scores['rollout_psnr']:.2f} dB, copy-last-frame "
+                          f"{scores['copy_psnr']:.2f}, shuffled actions {scores['shuffled_psnr']:.2f}; {video}")
+            if step % cfg.save_every == 0:
+                save()
+    except KeyboardInterrupt:
+        bar.write(f"interrupted at step {step}; saving {checkpoint_path} (continue with --resume)")
+        raise
+    finally:
+        save()
+        bar.close()
+        logger.close()
+
+
+if __name__ == "__main__":
+    d4.run_cli(main)
