@@ -17,7 +17,7 @@ import math
 import os
 import random
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -996,6 +996,27 @@ def load_checkpoint(path, hint=""):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def resume_state(cfg, path):
+    """A stage's checkpoint with --resume (None without); refuses to start over an existing one."""
+    if Path(path).exists() and not cfg.resume:
+        raise ConfigError(f"{path} exists; pass --resume to continue it or pick another --run-dir")
+    return load_checkpoint(path, "run without --resume to start training") if cfg.resume else None
+
+
+@contextmanager
+def saved_on_exit(save, bar, logger):
+    """Runs a training loop; whatever ends it (the last step, Ctrl-C, an error), the checkpoint is saved."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        bar.write("interrupted; saving the checkpoint (continue with --resume)")
+        raise
+    finally:
+        save()
+        bar.close()
+        logger.close()
+
+
 class Trainer:
     """One module's AdamW (linear warm-up, then constant), loss normalizer and gradient clipping; `step` is one
     training step on the loss terms that `loss_fn` returns (bf16 autocast on CUDA)."""
@@ -1048,11 +1069,15 @@ class Logger:
         if self.wandb:
             self.wandb.log({f"{self.stage}/{key}": value for key, value in metrics.items()}, step=step)
 
-    def video(self, step, path):
+    def video(self, step, columns):
+        """Writes run_dir/videos/<stage>_<step>.mp4 of the clips side by side (see write_video); returns its path."""
+        path = self.path.parent / "videos" / f"{self.stage}_{step:07d}.mp4"
+        write_video(path, columns)
         if self.wandb:
             import wandb
 
             self.wandb.log({f"{self.stage}/video": wandb.Video(str(path), format="mp4")}, step=step)
+        return path
 
     def close(self):
         if self.wandb:

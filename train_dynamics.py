@@ -57,9 +57,7 @@ def main():
     run_dir = Path(cfg.run_dir)
     checkpoint_path = run_dir / "dynamics.pt"
     tokenizer_state = d4.load_checkpoint(run_dir / "tokenizer.pt", "run train_mae.py on this --run-dir first")
-    if checkpoint_path.exists() and not cfg.resume:
-        raise d4.ConfigError(f"{checkpoint_path} exists; pass --resume to continue it or pick another --run-dir")
-    state = d4.load_checkpoint(checkpoint_path, "run without --resume to start training") if cfg.resume else None
+    state = d4.resume_state(cfg, checkpoint_path)
     d4.seed_everything(cfg.seed)
     device = d4.pick_device(cfg.device)
 
@@ -101,7 +99,7 @@ def main():
                         np.random.default_rng(cfg.seed))
     rng = np.random.default_rng([cfg.seed, step])
     bar = tqdm(total=cfg.dynamics_steps, initial=step, desc="dynamics", unit="step")
-    try:
+    with d4.saved_on_exit(save, bar, logger):
         while step < cfg.dynamics_steps:
             batch = sample(cfg.batch_size, cfg.dyn_seq_len, "train", rng)
             metrics = trainer.step(dynamics.loss, batch["latents"], batch["actions"])
@@ -113,20 +111,11 @@ def main():
             if step % cfg.eval_every == 0 or step == cfg.dynamics_steps:
                 scores, columns = evaluate(dynamics, tokenizer, eval_batch, cfg, device)
                 logger.log(step, **scores)
-                video = run_dir / "videos" / f"dynamics_{step:07d}.mp4"
-                d4.write_video(video, columns)
-                logger.video(step, video)
+                video = logger.video(step, columns)
                 bar.write(f"step {step}: rollout PSNR {scores['rollout_psnr']:.2f} dB, copy-last-frame "
                           f"{scores['copy_psnr']:.2f}, shuffled actions {scores['shuffled_psnr']:.2f}; {video}")
             if step % cfg.save_every == 0:
                 save()
-    except KeyboardInterrupt:
-        bar.write(f"interrupted at step {step}; saving {checkpoint_path} (continue with --resume)")
-        raise
-    finally:
-        save()
-        bar.close()
-        logger.close()
 
 
 if __name__ == "__main__":

@@ -36,9 +36,7 @@ def main():
     cfg = d4.parse_config("mae", __doc__)
     run_dir = Path(cfg.run_dir)
     checkpoint_path = run_dir / "tokenizer.pt"
-    if checkpoint_path.exists() and not cfg.resume:
-        raise d4.ConfigError(f"{checkpoint_path} exists; pass --resume to continue it or pick another --run-dir")
-    state = d4.load_checkpoint(checkpoint_path, "run without --resume to start training") if cfg.resume else None
+    state = d4.resume_state(cfg, checkpoint_path)
     d4.seed_everything(cfg.seed)
     device = d4.pick_device(cfg.device)
     d4.make_env(cfg).close()   # fails early, in one line, for an unknown env id
@@ -68,7 +66,7 @@ def main():
     eval_frames = d4.frames_to_tensor(eval_batch["frames"], device)
     rng = np.random.default_rng([cfg.seed, step])
     bar = tqdm(total=cfg.mae_steps, initial=step, desc="tokenizer", unit="step")
-    try:
+    with d4.saved_on_exit(save, bar, logger):
         while step < cfg.mae_steps:
             frames = d4.frames_to_tensor(dataset.sample(cfg.batch_size, cfg.seq_len, "train", rng)["frames"], device)
             metrics = trainer.step(tokenizer.loss, frames)
@@ -80,19 +78,10 @@ def main():
             if step % cfg.eval_every == 0 or step == cfg.mae_steps:
                 score, columns = evaluate(tokenizer, eval_frames)
                 logger.log(step, psnr=score)
-                video = run_dir / "videos" / f"mae_{step:07d}.mp4"
-                d4.write_video(video, columns)
-                logger.video(step, video)
+                video = logger.video(step, columns)
                 bar.write(f"step {step}: held-out PSNR {score:.2f} dB, video {video}")
             if step % cfg.save_every == 0:
                 save()
-    except KeyboardInterrupt:
-        bar.write(f"interrupted at step {step}; saving {checkpoint_path} (continue with --resume)")
-        raise
-    finally:
-        save()
-        bar.close()
-        logger.close()
 
 
 if __name__ == "__main__":
