@@ -942,9 +942,13 @@ class EpisodeDataset:
             self._window_starts[key] = np.concatenate(starts)
         return self._window_starts[key]
 
+    def sample_index(self, batch, length, split, rng):
+        """Frame indices (B, T) of `batch` random windows, for indexing these or any frame-aligned arrays."""
+        return rng.choice(self.window_starts(split, length), size=batch)[:, None] + np.arange(length)
+
     def sample(self, batch, length, split, rng):
         """A batch of windows: dict of arrays shaped (B, T, ...); frames stay uint8 (B, T, H, W, 3)."""
-        index = rng.choice(self.window_starts(split, length), size=batch)[:, None] + np.arange(length)
+        index = self.sample_index(batch, length, split, rng)
         return dict(frames=self.frames[index], actions=self.actions[index], rewards=self.rewards[index],
                     terminated=self.terminated[index], first=self.first[index])
 
@@ -1042,6 +1046,17 @@ class Trainer:
     def state_dict(self):
         return dict(optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
                     normalizer=self.normalizer.state_dict())
+
+    def save(self, path, step, cfg, **extra):
+        """The stage's checkpoint: the module, this trainer, the step, the config and any extra entries."""
+        save_checkpoint(path, model=self.module.state_dict(), trainer=self.state_dict(), step=step,
+                        config=dataclasses.asdict(cfg), **extra)
+
+    def restore(self, state):
+        """Loads a checkpoint written by `save` into the module and this trainer; returns its step."""
+        self.module.load_state_dict(state["model"])
+        self.load_state_dict(state["trainer"])
+        return state["step"]
 
     def load_state_dict(self, state):
         self.optimizer.load_state_dict(state["optimizer"])

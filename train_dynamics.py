@@ -78,25 +78,21 @@ def main():
     action_bins = np.where(dataset.first[:, None], -1, bins.to_bins(dataset.actions))   # (N, dims), -1: none
 
     def sample(batch, length, split, rng):
-        index = rng.choice(dataset.window_starts(split, length), size=batch)[:, None] + np.arange(length)
+        index = dataset.sample_index(batch, length, split, rng)
         return dict(latents=torch.from_numpy(latents[index]).to(device).float(),
-                    actions=torch.from_numpy(action_bins[index]).to(device), frames=dataset.frames[index])
+                    actions=torch.from_numpy(action_bins[index]).to(device), index=index)
 
     dynamics = d4.Dynamics(cfg, bins.bins).to(device)
     trainer = d4.Trainer(dynamics, cfg, device)
-    step = 0
-    if state:
-        dynamics.load_state_dict(state["model"])
-        trainer.load_state_dict(state["trainer"])
-        step = state["step"]
+    step = trainer.restore(state) if state else 0
 
     def save():
-        d4.save_checkpoint(checkpoint_path, model=dynamics.state_dict(), trainer=trainer.state_dict(), step=step,
-                           action_bins=bins.bins, config=dataclasses.asdict(cfg))
+        trainer.save(checkpoint_path, step, cfg, action_bins=bins.bins)
 
     logger = d4.Logger(cfg, "dynamics")
     eval_batch = sample(cfg.eval_sequences, cfg.eval_context + cfg.eval_horizon, "eval",
                         np.random.default_rng(cfg.seed))
+    eval_batch["frames"] = dataset.frames[eval_batch["index"]]   # only evaluation needs the real frames
     rng = np.random.default_rng([cfg.seed, step])
     bar = tqdm(total=cfg.dynamics_steps, initial=step, desc="dynamics", unit="step")
     with d4.saved_on_exit(save, bar, logger):

@@ -4,7 +4,6 @@
 
 Writes to --run-dir: data/ (episodes), tokenizer.pt (checkpoint), metrics.jsonl, videos/mae_*.mp4.
 """
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -50,16 +49,13 @@ def main():
     trainer = d4.Trainer(tokenizer, cfg, device)
     step = 0
     if state:
-        tokenizer.load_state_dict(state["model"])
-        trainer.load_state_dict(state["trainer"])
-        step = state["step"]
+        step = trainer.restore(state)
     else:
         train_index = dataset.window_starts("train", 1)
         tokenizer.set_pixel_statistics(dataset.frames[train_index[::max(1, len(train_index) // 4000)]])
 
     def save():
-        d4.save_checkpoint(checkpoint_path, model=tokenizer.state_dict(), trainer=trainer.state_dict(), step=step,
-                           config=dataclasses.asdict(cfg))
+        trainer.save(checkpoint_path, step, cfg)
 
     logger = d4.Logger(cfg, "mae")
     eval_batch = dataset.sample(cfg.eval_sequences, cfg.seq_len, "eval", np.random.default_rng(cfg.seed))
