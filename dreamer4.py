@@ -6,8 +6,9 @@ One file, read top to bottom like the paper's appendix:
   3. the block-causal transformer (paper Sec. 3.1; SPEC Sec. 1)
   4. the causal tokenizer, a masked autoencoder (Eq. 5; SPEC Sec. 2)
   5. the interactive dynamics with shortcut forcing (Eq. 6-8; SPEC Sec. 3)
-  6. environments, action binning, online collection and the episode dataset
-  7. checkpoints, metrics and videos
+  6. the agent: heads, finetuning, imagination, PMPO and acting (Eq. 9-11; SPEC Sec. 4)
+  7. environments, action binning, online collection and the episode dataset
+  8. checkpoints, metrics and videos
 Equation numbers are the paper's; "SPEC" is ../shared/SPEC.md. Choices the paper leaves open are marked (ours).
 """
 import argparse
@@ -57,6 +58,10 @@ class Config:
     action_bins: int = arg(33, "bins per continuous action dimension, evenly spaced over its bounds, both ends "
                                "included (ours: 33 makes the midpoint exact)")
     collect_frames: int = arg(100_000, "frames of random-policy experience collected before training")
+    explore_rest: str = arg("auto", "per action dimension, comma-separated: probability that the random explorer "
+                                    "holds it at its bin nearest zero. auto: 0,0,0.9 for CarRacing, i.e. brake "
+                                    "rarely (uniform random braking keeps the car at a crawl, measured mean speed "
+                                    "4.2 vs 21.3 without brake, and its frames barely change); 0 elsewhere (ours)")
     num_envs: int = arg(0, "parallel environments for collection; 0 means one per CPU core")
     holdout_every: int = arg(10, "every n-th episode (starting with the first) is held out for evaluation")
     # transformer (shared by tokenizer and dynamics)
@@ -92,6 +97,28 @@ class Config:
     dyn_seq_len: int = arg(32, "frames per dynamics training sequence")
     eval_context: int = arg(8, "real context frames before an evaluation rollout")
     eval_horizon: int = arg(16, "frames generated open-loop in an evaluation rollout")
+    # agent (SPEC Sec. 4)
+    finetune_steps: int = arg(20_000, "agent finetuning steps: BC, reward and continuation heads with the dynamics "
+                                      "loss continuing (Eq. 9)")
+    imagination_steps: int = arg(10_000, "imagination training steps of the policy and value heads (--steps in "
+                                         "train_policy.py)")
+    mtp_length: int = arg(8, "multi-token prediction: the policy and reward heads predict L steps ahead")
+    reward_bins: int = arg(255, "symexp two-hot bins of the reward and value heads, evenly spaced in symlog space")
+    reward_range: float = arg(20.0, "the two-hot bins span [-reward_range, reward_range] in symlog space (ours)")
+    imagination_context: int = arg(8, "real context frames before an imagined rollout")
+    imagination_horizon: int = arg(32, "imagined steps per rollout (H, ours)")
+    discount: float = arg(0.997, "gamma of the lambda-returns")
+    return_lambda: float = arg(0.95, "lambda of the lambda-returns (ours)")
+    pmpo_alpha: float = arg(0.5, "PMPO weight of the positive-advantage set (Eq. 11)")
+    pmpo_beta: float = arg(0.3, "weight of the reverse KL to the frozen behaviour-cloned policy (Eq. 11)")
+    policy_lr: float = arg(3e-4, "AdamW learning rate of the policy and value heads in imagination training")
+    eval_episodes: int = arg(10, "real-environment episodes (seeds seed, seed + 1, ...) per policy evaluation")
+    iterations: int = arg(0, "online loop (beyond the paper): after imagination training, this many rounds of "
+                             "collecting episodes with the policy, finetuning on the grown dataset and imagination "
+                             "training, each followed by an evaluation")
+    iteration_episodes: int = arg(10, "episodes collected with the policy in each online iteration")
+    explore_prob: float = arg(0.2, "online collection: probability per stream and step of acting with the random "
+                                   "explorer instead of the policy")
     # optimization
     batch_size: int = arg(32, "sequences per batch")
     seq_len: int = arg(8, "frames per training sequence")
@@ -110,16 +137,18 @@ PRESETS = {
                  tok_dec_layers=2, num_latents=4, latent_dim=8, batch_size=4, seq_len=4, lr=1e-3, warmup_steps=5,
                  mae_steps=20, eval_every=10, save_every=10, eval_sequences=4, dynamics_steps=20, dyn_dim=32,
                  dyn_heads=2, dyn_kv_heads=1, dyn_layers=2, latent_tokens=2, register_tokens=1, dyn_seq_len=6,
-                 eval_context=2, eval_horizon=3),
+                 eval_context=2, eval_horizon=3, finetune_steps=10, imagination_steps=10, mtp_length=3,
+                 imagination_context=2, imagination_horizon=3, eval_episodes=2, iteration_episodes=1),
     "small": dict(image_size=64, collect_frames=10_000, max_episode_steps=300, checkpointing=False, patch_size=8, tok_dim=128, tok_heads=4,
                   tok_kv_heads=2, tok_enc_layers=4, tok_dec_layers=4, num_latents=16, latent_dim=16,
                   batch_size=16, seq_len=4, lr=1e-3, warmup_steps=100, mae_steps=1000, eval_every=250,
                   save_every=250, eval_sequences=32, dynamics_steps=4000, dyn_dim=128, dyn_heads=4, dyn_kv_heads=2,
                   dyn_layers=4, latent_tokens=4, register_tokens=2, dyn_seq_len=16, eval_context=8,
-                  eval_horizon=8),
+                  eval_horizon=8, finetune_steps=600, imagination_steps=300, imagination_context=4,
+                  imagination_horizon=16, iteration_episodes=10),
     "default": dict(),
 }
-STAGE_STEPS = {"mae": "mae_steps", "dynamics": "dynamics_steps"}   # which field `--steps` sets in each stage script
+STAGE_STEPS = {"mae": "mae_steps", "dynamics": "dynamics_steps", "policy": "imagination_steps"}   # which field `--steps` sets in each stage script
 
 
 class ConfigError(Exception):
@@ -305,13 +334,13 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads, kv_heads, cfg.softcap)
         self.mlp = SwiGLU(dim, cfg.mlp_ratio)
 
-    def forward(self, x, space_mask, past=None):
-        """Returns the output and, for a time block, this call's keys and values (for a KV cache)."""
+    def forward(self, x, space_mask, past=None, start=0):
+        """Returns the output and, for a time block, this call's keys and values (for a KV cache). `start` is the
+        time index of x's first frame (RoPE), i.e. the number of frames before it."""
         b, t, s, d = x.shape                                                # (B, T, S, D)
         h = self.attn_norm(x)
         new = None
         if self.over_time:
-            start = 0 if past is None else past[0].shape[2]
             h = h.transpose(1, 2).reshape(b * s, t, d)                      # (B*S, T, D)
             h, new = self.attn(h, causal=True, positions=torch.arange(start, start + t, device=x.device), past=past)
             h = h.view(b, s, t, d).transpose(1, 2)                          # (B, T, S, D)
@@ -335,23 +364,31 @@ class Transformer(nn.Module):
     def forward(self, x, space_mask, cache=None, commit=False):
         """x (B, T, S, D) -> (B, T, S, D). With a KVCache, the time blocks attend to the cached frames too
         (then T = 1 unless the cache is empty); commit=True appends this call's frames to the cache."""
+        start = cache.frames if cache is not None else 0
         for i, block in enumerate(self.blocks):
             past = cache.layers.get(i) if cache is not None else None
             if self.checkpointing and torch.is_grad_enabled():
-                x, new = checkpoint(block, x, space_mask, past, use_reentrant=False)
+                x, new = checkpoint(block, x, space_mask, past, start, use_reentrant=False)
             else:
-                x, new = block(x, space_mask, past)
+                x, new = block(x, space_mask, past, start)
             if commit and new is not None:
-                cache.layers[i] = new if past is None else tuple(torch.cat(p, dim=2) for p in zip(past, new))
+                kv = new if past is None else tuple(torch.cat(p, dim=2) for p in zip(past, new))
+                cache.layers[i] = kv if cache.window is None else tuple(p[:, :, -cache.window:] for p in kv)
+        if commit:
+            cache.frames += x.shape[1]
         return self.norm(x)
 
 
 class KVCache:
     """Keys and values of past frames for every time block, so that each new frame costs one frame of compute.
-    layers: block index -> (keys, values), each (B*S, KV heads, T_past, head dim)."""
+    layers: block index -> (keys, values), each (B*S, KV heads, T_past, head dim); frames: how many frames were
+    committed (the time index of the next one). With a window, only the last `window` frames are kept (ours: a
+    sliding context for episodes longer than the training sequences; RoPE is relative, so the positions keep
+    counting. The kept frames' keys still carry what earlier layers saw of the dropped ones, an approximation
+    of re-encoding the window from scratch)."""
 
-    def __init__(self):
-        self.layers = {}
+    def __init__(self, window=None):
+        self.layers, self.frames, self.window = {}, 0, window
 
 
 def space_mask(groups, may_see):
@@ -512,9 +549,12 @@ class Dynamics(nn.Module):
         self.latent_space = embedding(cfg.latent_tokens, dim)
         self.transformer = Transformer(dim, cfg.dyn_layers, cfg.dyn_heads, cfg.dyn_kv_heads, cfg)
         self.latent_out = nn.Linear(dim, token_width)
-        self.groups = {"action": cfg.action_tokens, "shortcut": 1, "register": cfg.register_tokens,
-                       "latent": cfg.latent_tokens}
-        self.register_buffer("mask", space_mask(self.groups, {name: list(self.groups) for name in self.groups}),
+        self.agent_token = embedding(dim)   # SPEC Sec. 4: reads its frame; nothing reads it
+        world = {"action": cfg.action_tokens, "shortcut": 1, "register": cfg.register_tokens,
+                 "latent": cfg.latent_tokens}
+        sees = {name: list(world) for name in world}
+        self.register_buffer("mask", space_mask(world, sees), persistent=False)
+        self.register_buffer("agent_mask", space_mask({**world, "agent": 1}, {**sees, "agent": [*world, "agent"]}),
                              persistent=False)
 
     def embed_actions(self, actions):
@@ -524,10 +564,13 @@ class Dynamics(nn.Module):
                                         enumerate(self.action_tables))
         return torch.where(present[..., None], summed, self.no_action)
 
-    def predict(self, noisy_latents, signal_level, step_size, actions, cache=None, commit=False):
+    def predict(self, noisy_latents, signal_level, step_size, actions, cache=None, commit=False, agent=False):
         """The network (Eq. 6): noisy_latents (B, T, N_latent, D_latent), signal_level tau (B, T) in [0, 1],
         step_size d (B, T) in {1, 1/2, ..., 1/K_max}, actions (B, T, dims) bin indices (-1: none) ->
-        predicted clean latents (B, T, N_latent, D_latent). With a KVCache, T = 1 frame after the cached ones."""
+        predicted clean latents (B, T, N_latent, D_latent). With a KVCache, T = 1 frame after the cached ones.
+        agent=True appends the agent token to every frame (SPEC Sec. 4) and also returns its output (B, T, D);
+        no other token attends to it, so the latents are the same either way (a test checks). A cache must be
+        used with the same `agent` throughout."""
         b, t = noisy_latents.shape[:2]
         latents = self.latent_in(noisy_latents.reshape(b, t, self.latent_tokens, -1)) + self.latent_space
         step_index = torch.log2(1 / step_size).round().long()
@@ -536,9 +579,12 @@ class Dynamics(nn.Module):
         x = torch.cat([(self.embed_actions(actions)[:, :, None] + self.action_space).to(latents.dtype),
                        shortcut[:, :, None].to(latents.dtype),
                        self.registers.expand(b, t, -1, -1).to(latents.dtype), latents], dim=2)   # (B, T, S, D)
-        x = self.transformer(x, self.mask, cache, commit)
-        out = self.latent_out(x[:, :, -self.latent_tokens:])
-        return out.reshape(b, t, self.num_latents, self.latent_dim)
+        if agent:
+            x = torch.cat([x, self.agent_token.expand(b, t, 1, -1).to(x.dtype)], dim=2)
+        x = self.transformer(x, self.agent_mask if agent else self.mask, cache, commit)
+        end = x.shape[2] - agent
+        out = self.latent_out(x[:, :, end - self.latent_tokens:end]).reshape(b, t, self.num_latents, self.latent_dim)
+        return (out, x[:, :, -1]) if agent else out
 
     def sample_levels(self, b, t, device):
         """Per frame (diffusion forcing): d = d_min with probability 1 - bootstrap_fraction, else d = 1/k with
@@ -584,6 +630,33 @@ class Dynamics(nn.Module):
         boot = ((1 - tau) ** 2 * (velocity - target_velocity) ** 2).flatten(2).mean(-1)
         return weight * flow * ~bootstrap, weight * boot * bootstrap
 
+    def corrupt(self, latents, noise):
+        """Context corruption (SPEC Sec. 3): past frames are seen as context_signal * z + (1 - context_signal) * noise."""
+        return self.context_signal * latents + (1 - self.context_signal) * noise
+
+    @torch.no_grad()
+    def observe(self, cache, latents, actions, noise, agent=False):
+        """Appends frames (B, T, N, Dl) and the actions that led to them (B, T, dims) to the cache as context,
+        corrupted with `noise`. Returns the agent token's output (B, T, D) if agent, else None."""
+        b, t = latents.shape[:2]
+        level = lambda value: torch.full((b, t), value, device=latents.device)  # noqa: E731
+        out = self.predict(self.corrupt(latents, noise), level(self.context_signal), level(1 / self.max_steps),
+                           actions, cache, commit=True, agent=agent)
+        return out[1] if agent else None
+
+    @torch.no_grad()
+    def denoise(self, cache, actions, start, steps, agent=False):
+        """One new frame after the cached ones: from noise `start` (B, 1, N, Dl), `steps` shortcut steps of size
+        1/steps: z <- z + (z1^ - z) / (1 - tau) * d. actions (B, 1, dims) led to it. Leaves the cache unchanged."""
+        b, z = len(start), start
+        for j in range(steps):
+            tau = j / steps
+            level = lambda value: torch.full((b, 1), value, device=z.device)  # noqa: E731
+            predicted = self.predict(z, level(tau), level(1 / steps), actions, cache, agent=agent)
+            predicted = predicted[0] if agent else predicted
+            z = z + (predicted.float() - z) / (1 - tau) * (1 / steps)
+        return z
+
     @torch.no_grad()
     def generate(self, context_latents, context_actions, actions, steps=4, use_cache=True, generator=None):
         """Autoregressive generation (SPEC Sec. 3). context_latents (B, C, N, Dl) and the actions that led to
@@ -595,39 +668,261 @@ class Dynamics(nn.Module):
         h, device = actions.shape[1], context_latents.device
         noise = torch.randn(b, c + h, *context_latents.shape[2:], device=device, generator=generator)
         start = torch.randn(b, h, *context_latents.shape[2:], device=device, generator=generator)
-        corrupt = lambda z, i: (1 - self.context_signal) * noise[:, i:i + z.shape[1]] + self.context_signal * z  # noqa
-        level = lambda value, n: torch.full((b, n), value, device=device)  # noqa: E731
-        fine = 1 / self.max_steps
-        all_actions = torch.cat([context_actions, actions], dim=1)
-        cache = KVCache() if use_cache else None
-        context = corrupt(context_latents, 0)
-        if use_cache:
-            self.predict(context, level(self.context_signal, c), level(fine, c), context_actions, cache, commit=True)
         frames = []
+        if use_cache:
+            cache = KVCache()
+            self.observe(cache, context_latents, context_actions, noise[:, :c])
+            for i in range(h):
+                frames.append(self.denoise(cache, actions[:, i:i + 1], start[:, i:i + 1], steps))
+                self.observe(cache, frames[-1], actions[:, i:i + 1], noise[:, c + i:c + i + 1])
+            return torch.cat(frames, dim=1)
+        level = lambda value, n: torch.full((b, n), value, device=device)  # noqa: E731
+        all_actions = torch.cat([context_actions, actions], dim=1)
+        context = self.corrupt(context_latents, noise[:, :c])
         for i in range(h):
-            t = c + i
-            z = start[:, i:i + 1]
+            t, z = c + i, start[:, i:i + 1]
             for j in range(steps):
                 tau = j / steps
-                if use_cache:
-                    predicted = self.predict(z, level(tau, 1), level(1 / steps, 1), actions[:, i:i + 1], cache)
-                else:
-                    sequence = torch.cat([context, z], dim=1)
-                    levels = torch.cat([level(self.context_signal, t), level(tau, 1)], dim=1)
-                    sizes = torch.cat([level(fine, t), level(1 / steps, 1)], dim=1)
-                    predicted = self.predict(sequence, levels, sizes, all_actions[:, :t + 1])[:, -1:]
+                sequence = torch.cat([context, z], dim=1)
+                levels = torch.cat([level(self.context_signal, t), level(tau, 1)], dim=1)
+                sizes = torch.cat([level(1 / self.max_steps, t), level(1 / steps, 1)], dim=1)
+                predicted = self.predict(sequence, levels, sizes, all_actions[:, :t + 1])[:, -1:]
                 z = z + (predicted.float() - z) / (1 - tau) * (1 / steps)
             frames.append(z)
-            corrupted = corrupt(z, t)
-            if use_cache:
-                self.predict(corrupted, level(self.context_signal, 1), level(fine, 1), actions[:, i:i + 1], cache,
-                             commit=True)
-            context = torch.cat([context, corrupted], dim=1)
+            context = torch.cat([context, self.corrupt(z, noise[:, t:t + 1])], dim=1)
         return torch.cat(frames, dim=1)
 
 
 # ==================================================================================================================
-# 6. Environments, action binning, online collection and the episode dataset
+# 6. Agent (Eq. 9-11; SPEC Sec. 4)
+#    One agent token per frame, appended after the world-model tokens: it attends to its whole frame and, in the time
+#    blocks, to its own past; nothing attends to it. Small MLP heads read it. Alignment: the agent token of block t
+#    (which holds a_{t-1} and z_t) predicts a_{t+n} and r_{t+n}, n = 0..L-1, where r_t arrived with frame t.
+# ==================================================================================================================
+def symlog(x):
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x):
+    return torch.sign(x) * torch.expm1(x.abs())
+
+
+def two_hot(values, support):
+    """values (...) -> (..., K): weights on the two bins around symlog(value), the bins `support` being evenly
+    spaced in symlog space; values outside the range go to the end bins."""
+    x = symlog(values.float()).clamp(support[0], support[-1])
+    above = torch.searchsorted(support, x.contiguous()).clamp(1, len(support) - 1)
+    below = above - 1
+    weight_above = (x - support[below]) / (support[above] - support[below])
+    out = torch.zeros(*x.shape, len(support), device=x.device)
+    out.scatter_(-1, below[..., None], (1 - weight_above)[..., None])
+    return out.scatter_add_(-1, above[..., None], weight_above[..., None])
+
+
+def two_hot_decode(logits, support):
+    """(..., K) logits -> (...) values: symexp of the expected bin."""
+    return symexp((logits.float().softmax(-1) * support).sum(-1))
+
+
+def two_hot_loss(logits, values, support):
+    """Cross-entropy of (..., K) logits to the two-hot encoding of values (...) -> (...)."""
+    return -(two_hot(values, support) * logits.float().log_softmax(-1)).sum(-1)
+
+
+def log_prob(logits, actions):
+    """Joint log-probability of bin indices (..., dims) under per-dimension logits [(..., bins_i)] -> (...)."""
+    return sum(l.float().log_softmax(-1).gather(-1, actions[..., i:i + 1]).squeeze(-1) for i, l in enumerate(logits))
+
+
+def kl_divergence(logits, other):
+    """KL[p || q] summed over action dimensions, per-dimension logits lists of p and q -> (...)."""
+    return sum((p.float().softmax(-1) * (p.float().log_softmax(-1) - q.float().log_softmax(-1))).sum(-1)
+               for p, q in zip(logits, other))
+
+
+def sample_actions(logits, generator=None):
+    """Bin indices (..., dims) sampled from per-dimension logits [(..., bins_i)]."""
+    return torch.stack([torch.multinomial(l.float().softmax(-1).flatten(0, -2), 1, generator=generator)
+                        .view(l.shape[:-1]) for l in logits], dim=-1)
+
+
+def lambda_returns(rewards, continues, values, discount, lam):
+    """R_t = r_{t+1} + gamma c_{t+1} ((1 - lambda) v_{t+1} + lambda R_{t+1}), R_H = v_H (SPEC Sec. 4).
+    rewards, continues (B, H) arrive with frames 1..H; values (B, H + 1) of frames 0..H -> returns (B, H) of
+    frames 0..H-1."""
+    ret, returns = values[:, -1], []
+    for t in reversed(range(rewards.shape[1])):
+        ret = rewards[:, t] + discount * continues[:, t] * ((1 - lam) * values[:, t + 1] + lam * ret)
+        returns.append(ret)
+    return torch.stack(returns[::-1], dim=1)
+
+
+def head(dim, out):
+    layer = nn.Linear(dim, out)   # the output layer: L of them, one per prediction distance, side by side
+    return nn.Sequential(nn.Linear(dim, dim), RMSNorm(dim), nn.SiLU(), layer)
+
+
+class AgentHeads(nn.Module):
+    """Policy (a categorical over the bins per action dimension), reward (symexp two-hot), both multi-token over
+    L distances; continuation (logit of "frame t is not terminal") and value (symexp two-hot). `bc_policy` is the
+    frozen copy of the behaviour-cloned policy, the prior of PMPO's KL term (set by freeze_prior)."""
+
+    def __init__(self, cfg, action_bins):
+        super().__init__()
+        dim, self.length, self.action_bins = cfg.dyn_dim, cfg.mtp_length, list(action_bins)
+        self.policy = head(dim, self.length * sum(self.action_bins))
+        self.bc_policy = head(dim, self.length * sum(self.action_bins)).requires_grad_(False)
+        self.reward = head(dim, self.length * cfg.reward_bins)
+        self.continuation = head(dim, 1)
+        self.value = head(dim, cfg.reward_bins)
+        for output in (self.reward[-1], self.value[-1]):   # start by predicting 0 (ours, as in DreamerV3)
+            nn.init.zeros_(output.weight)
+            nn.init.zeros_(output.bias)
+        self.register_buffer("support", torch.linspace(-cfg.reward_range, cfg.reward_range, cfg.reward_bins),
+                             persistent=False)
+
+    def freeze_prior(self):
+        self.bc_policy.load_state_dict(self.policy.state_dict())
+
+    def policy_logits(self, features, prior=False, distance=None):
+        """features (..., D) -> per action dimension logits (..., L, bins_i), or (..., bins_i) at one distance."""
+        out = (self.bc_policy if prior else self.policy)(features.float()).unflatten(-1, (self.length, -1))
+        logits = out.split(self.action_bins, dim=-1)
+        return [l if distance is None else l[..., distance, :] for l in logits]
+
+    def reward_logits(self, features):
+        return self.reward(features.float()).unflatten(-1, (self.length, -1))   # (..., L, K)
+
+    def predicted_reward(self, features):
+        return two_hot_decode(self.reward_logits(features)[..., 0, :], self.support)
+
+    def predicted_continue(self, features):
+        return torch.sigmoid(self.continuation(features.float()).squeeze(-1))
+
+    def predicted_value(self, features):
+        return two_hot_decode(self.value(features.float()), self.support)
+
+
+class Agent(nn.Module):
+    """The dynamics with its agent heads: finetuning (Eq. 9), imagination (SPEC Sec. 4) and PMPO (Eq. 11)."""
+
+    def __init__(self, cfg, action_bins):
+        super().__init__()
+        self.dynamics, self.heads = Dynamics(cfg, action_bins), AgentHeads(cfg, action_bins)
+        self.window = cfg.dyn_seq_len   # never attend further back than the training sequences
+        self.discount, self.lam, self.alpha, self.beta = cfg.discount, cfg.return_lambda, cfg.pmpo_alpha, cfg.pmpo_beta
+
+    def features(self, latents, actions):
+        """Agent-token outputs (B, T, D) for clean latents seen as context (corrupted to the context signal level
+        with step d_min), exactly as the agent sees frames when acting and imagining."""
+        b, t = latents.shape[:2]
+        level = lambda value: torch.full((b, t), value, device=latents.device)  # noqa: E731
+        noisy = self.dynamics.corrupt(latents, torch.randn_like(latents))
+        return self.dynamics.predict(noisy, level(self.dynamics.context_signal),
+                                     level(1 / self.dynamics.max_steps), actions, agent=True)[1].float()
+
+    def finetune_loss(self, latents, actions, rewards, terminated):
+        """Eq. 9 on windows: latents (B, T, N, Dl), actions (B, T, dims) (row t: a_{t-1}, -1 for none), rewards
+        (B, T) (row t: r_t), terminated (B, T). Terms: dynamics (shortcut forcing), bc (-sum_n ln p(a_{t+n})),
+        reward (-sum_n ln p(r_{t+n})), continuation (binary cross-entropy); targets past the window are left out."""
+        losses = self.dynamics.loss(latents, actions)
+        features = self.features(latents, actions)
+        t = latents.shape[1]
+        ahead = torch.arange(t, device=latents.device)[:, None] + torch.arange(self.heads.length,
+                                                                              device=latents.device)   # (T, L): t+n
+        def masked(loss, valid):   # mean over frames per distance, summed over distances  # noqa: E306
+            valid = valid.expand_as(loss).float()
+            return ((loss * valid).sum((0, 1)) / valid.sum((0, 1)).clamp_min(1)).sum()
+        targets = actions[:, (ahead + 1).clamp(max=t - 1)]                       # a_{t+n} sits in row t+n+1
+        valid = (ahead + 1 < t) & (targets >= 0).all(-1)
+        losses["bc"] = masked(-log_prob(self.heads.policy_logits(features), targets.clamp_min(0)), valid)
+        reward_nll = two_hot_loss(self.heads.reward_logits(features), rewards[:, ahead.clamp(max=t - 1)],
+                                  self.heads.support)
+        losses["reward"] = masked(reward_nll, ahead < t)
+        losses["continuation"] = F.binary_cross_entropy_with_logits(
+            self.heads.continuation(features).squeeze(-1), (~terminated).float())
+        return losses
+
+    @torch.no_grad()
+    def imagine(self, latents, actions, horizon, steps, generator=None):
+        """Rollouts inside the world model from real context windows, latents (B, C, N, Dl) and actions
+        (B, C, dims): the policy samples a_t from the agent token of frame t, the dynamics generate z_{t+1} with
+        `steps` shortcut steps into block t+1 = (a_t, z_{t+1}), whose heads give r_{t+1} and c_{t+1}; KV cache
+        throughout. Returns features (B, H + 1, D) of frames 0..H (0 = the last context frame), actions (B, H,
+        dims), rewards and continues (B, H) of frames 1..H, latents (B, H, N, Dl)."""
+        b, c = latents.shape[:2]
+        noise = lambda n: torch.randn(b, n, *latents.shape[2:], device=latents.device, generator=generator)  # noqa
+        cache = KVCache(self.window)
+        features = [self.dynamics.observe(cache, latents, actions, noise(c), agent=True)[:, -1].float()]
+        chosen, frames = [], []
+        for _ in range(horizon):
+            action = sample_actions(self.heads.policy_logits(features[-1], distance=0), generator)[:, None]
+            z = self.dynamics.denoise(cache, action, noise(1), steps, agent=True)
+            features.append(self.dynamics.observe(cache, z, action, noise(1), agent=True)[:, 0].float())
+            chosen.append(action[:, 0])
+            frames.append(z)
+        features = torch.stack(features, dim=1)
+        return dict(features=features, actions=torch.stack(chosen, dim=1), latents=torch.cat(frames, dim=1),
+                    rewards=self.heads.predicted_reward(features[:, 1:]),
+                    continues=self.heads.predicted_continue(features[:, 1:]))
+
+    def imagination_loss(self, rollout):
+        """Value loss (two-hot cross-entropy to sg(R_t)) and PMPO (Eq. 11) on an imagined rollout; the features
+        are fixed, so only the policy and value heads learn. No return or advantage normalization, no entropy."""
+        features = rollout["features"]
+        value_logits = self.heads.value(features)
+        values = two_hot_decode(value_logits, self.heads.support).detach()
+        returns = lambda_returns(rollout["rewards"], rollout["continues"], values, self.discount, self.lam)
+        value = two_hot_loss(value_logits[:, :-1], returns, self.heads.support).mean()
+        advantages = returns - values[:, :-1]
+        logits = self.heads.policy_logits(features[:, :-1], distance=0)
+        logp = log_prob(logits, rollout["actions"])
+        positive, negative = (advantages >= 0).float(), (advantages < 0).float()
+        pmpo = ((1 - self.alpha) * (logp * negative).sum() / negative.sum().clamp_min(1)
+                - self.alpha * (logp * positive).sum() / positive.sum().clamp_min(1))
+        prior = self.heads.policy_logits(features[:, :-1], prior=True, distance=0)
+        kl = kl_divergence(logits, prior).mean()
+        return {"policy": pmpo + self.beta * kl, "value": value}
+
+
+class AgentPolicy:
+    """Acts in a real env (SPEC Sec. 4): each step the tokenizer encodes the newest frame (with the frames before
+    it in its training window as context), the dynamics adds it with the previous action to a KV cache (one
+    frame of compute) and the policy head samples from the frame's agent token. For evaluate_returns:
+    reset(N), then uint8 frames (N, H, W, 3) -> bin indices (N, dims). prior=True acts with the frozen BC policy;
+    with an explorer (e.g. RandomExplorer), each stream acts with it instead with probability explore_prob."""
+
+    def __init__(self, agent, tokenizer, tokenizer_window, device, prior=False, seed=0, explorer=None,
+                 explore_prob=0.0):
+        self.agent, self.tokenizer, self.window, self.device = agent, tokenizer, tokenizer_window, device
+        self.prior, self.explorer, self.explore_prob = prior, explorer, explore_prob
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self, num_streams):
+        self.cache, self.history = KVCache(self.agent.window), []
+        self.previous = torch.full((num_streams, 1, len(self.agent.heads.action_bins)), -1, device=self.device)
+        if self.explorer is not None:
+            self.explorer.reset(num_streams)
+
+    @torch.no_grad()
+    def __call__(self, frames):
+        self.history = (self.history + [frames])[-self.window:]
+        with autocast(self.device):
+            z = self.tokenizer.encode(frames_to_tensor(np.stack(self.history, axis=1), self.device))[:, -1:].float()
+            noise = torch.randn(z.shape, device=self.device, generator=self.generator)
+            features = self.agent.dynamics.observe(self.cache, z, self.previous, noise, agent=True)[:, 0]
+        logits = self.agent.heads.policy_logits(features, prior=self.prior, distance=0)
+        action = sample_actions(logits, self.generator).cpu().numpy()
+        if self.explorer is not None:
+            explored = self.explorer(frames)   # keeps its own action holding going
+            action = np.where(self.rng.random((len(action), 1)) < self.explore_prob, explored, action)
+        self.previous = torch.from_numpy(action).to(self.device)[:, None]   # what was done leads to the next frame
+        return action
+
+
+# ==================================================================================================================
+# 7. Environments, action binning, online collection and the episode dataset
 #    Episodes are stored frame-aligned (SPEC Sec. 3, ours): row t holds frame o_t, the action a_{t-1} that led to
 #    it (zeros at t = 0, marked by `first`), the reward r_t received on arriving at o_t, and whether o_t is
 #    terminal / truncated.
@@ -772,11 +1067,14 @@ class ActionBins:
 
 class RandomExplorer:
     """Exploration for collection (ours): per stream, uniform random bins per action dimension, each action held
-    for a uniform 1..max_hold steps, which moves the agent further than independent per-step noise. A policy:
+    for a uniform 1..max_hold steps, which moves the agent further than independent per-step noise. `rest[i]` is
+    the probability that dimension i is held at its bin nearest zero instead (see explore_rest). A policy:
     `reset(num_streams)`, then each call returns bin indices (num_streams, dims)."""
 
-    def __init__(self, bins, rng, max_hold=8):
+    def __init__(self, bins, rng, max_hold=8, rest=None):
         self.bins, self.rng, self.max_hold = bins, rng, max_hold
+        self.rest = np.zeros(bins.dims) if rest is None else np.asarray(rest, np.float64)
+        self.rest_bins = bins.to_bins(np.zeros(bins.dims)) if bins.continuous else np.zeros(bins.dims, np.int64)
 
     def reset(self, num_streams):
         self.indices = np.zeros((num_streams, self.bins.dims), np.int64)
@@ -784,36 +1082,67 @@ class RandomExplorer:
 
     def __call__(self, frames=None):
         renew = self.hold <= 0
-        self.indices[renew] = self.rng.integers(0, self.bins.bins, size=(renew.sum(), self.bins.dims))
-        self.hold[renew] = self.rng.integers(1, self.max_hold + 1, size=renew.sum())
+        n = renew.sum()
+        drawn = self.rng.integers(0, self.bins.bins, size=(n, self.bins.dims))
+        self.indices[renew] = np.where(self.rng.random((n, self.bins.dims)) < self.rest, self.rest_bins, drawn)
+        self.hold[renew] = self.rng.integers(1, self.max_hold + 1, size=n)
         self.hold -= 1
         return self.indices.copy()
 
 
-def evaluate_returns(cfg, policy, episodes, seed):
+def explore_rest(cfg, dims):
+    """Per-dimension rest probabilities of the random explorer from --explore-rest ('auto': see Config)."""
+    if cfg.explore_rest == "auto":
+        return [0.0, 0.0, 0.9] if "CarRacing" in cfg.env and dims == 3 else [0.0] * dims
+    try:
+        rest = [float(p) for p in cfg.explore_rest.split(",")]
+    except ValueError:
+        rest = []
+    if len(rest) != dims or not all(0 <= p <= 1 for p in rest):
+        raise ConfigError(f"--explore-rest '{cfg.explore_rest}' must be 'auto' or {dims} comma-separated "
+                          "probabilities in [0, 1], one per action dimension")
+    return rest
+
+
+def play_episodes(cfg, policy, episodes, seed):
     """Plays `episodes` episodes with env seeds seed, seed + 1, ...; the same policy acts for every agent of a
     multi-agent env. `policy.reset(N)` at each episode start, then `policy(frames)` with frames uint8
-    (N, H, W, 3) returns bin indices (N, dims). Returns each agent's return, shape (episodes, N)."""
+    (N, H, W, 3) returns bin indices (N, dims). Yields each episode as a list with one dict per agent in the
+    stored format (frames, actions, rewards, terminated, truncated); an agent's stream ends at its termination."""
     env = make_env(cfg)
     multi = len(env.observation_space.shape) == 4
     bins = ActionBins(stream_action_space(env.action_space, env.observation_space), cfg.action_bins)
-    returns = []
-    for episode in range(episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        frames = obs if multi else obs[None]
-        policy.reset(len(frames))
-        total = np.zeros(len(frames))
-        done = False
-        while not done:
-            actions = bins.from_bins(policy(frames))
-            obs, reward, terminated, truncated, info = env.step(
-                actions.reshape(env.action_space.shape) if multi else bins.to_env(actions)[0])
+    try:
+        for episode in range(episodes):
+            obs, _ = env.reset(seed=seed + episode)
             frames = obs if multi else obs[None]
-            total += info["stream_reward"] if multi else reward   # a terminated car earns 0 afterwards
-            done = terminated or truncated
-        returns.append(total)
-    env.close()
-    return np.array(returns)
+            policy.reset(len(frames))
+            streams = [dict(frames=[frame], actions=[np.zeros(bins.dims, np.float32)], rewards=[0.0],
+                            terminated=[False], truncated=[False]) for frame in frames]
+            alive, done = np.ones(len(frames), bool), False
+            while not done:
+                actions = bins.from_bins(policy(frames))
+                obs, reward, terminated, truncated, info = env.step(
+                    actions.reshape(env.action_space.shape) if multi else bins.to_env(actions)[0])
+                frames = obs if multi else obs[None]
+                rewards, ended = (info["stream_reward"], info["stream_terminated"]) if multi else ([reward], [terminated])
+                for i in np.flatnonzero(alive):
+                    row = (frames[i], actions[i], float(rewards[i]), bool(ended[i]), bool(truncated))
+                    for key, value in zip(streams[i], row):
+                        streams[i][key].append(value)
+                alive &= ~np.asarray(ended, bool)
+                done = terminated or truncated
+            for stream in streams:
+                stream["truncated"][-1] = not stream["terminated"][-1]   # the env's time limit, or ours
+            yield streams
+    finally:
+        env.close()
+
+
+def evaluate_returns(cfg, policy, episodes, seed):
+    """Each agent's return in `episodes` seeded episodes (see play_episodes), shape (episodes, N)."""
+    return np.array([[sum(stream["rewards"]) for stream in streams]
+                     for streams in play_episodes(cfg, policy, episodes, seed)])
 
 
 def returns_summary(returns):
@@ -852,7 +1181,7 @@ def collect_random(cfg, data_dir):
     envs = vector([lambda: make_env(cfg)] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     per_env = envs.single_observation_space.shape[0] if len(envs.single_observation_space.shape) == 4 else 1
     bins = ActionBins(stream_action_space(envs.single_action_space, envs.single_observation_space), cfg.action_bins)
-    explorer = RandomExplorer(bins, np.random.default_rng([cfg.seed, len(files)]))
+    explorer = RandomExplorer(bins, np.random.default_rng([cfg.seed, len(files)]), rest=explore_rest(cfg, bins.dims))
     explorer.reset(num_envs * per_env)
     obs, _ = envs.reset(seed=cfg.seed * 100_000 + len(files))
 
@@ -959,24 +1288,55 @@ def frames_to_tensor(frames, device):
 
 
 @torch.no_grad()
-def encode_dataset(tokenizer, dataset, window, device, batch=32):
-    """Latents of every frame (N, N_latent, D_latent) float16, encoded once by the frozen tokenizer in
-    non-overlapping windows of `window` frames inside each episode (its training context), with a progress bar."""
+def encode_dataset(tokenizer, dataset, window, device, batch=32, first_frame=0):
+    """Latents (N - first_frame, N_latent, D_latent) float16 of every frame from first_frame (an episode start)
+    on, encoded by the frozen tokenizer in non-overlapping windows of `window` frames inside each episode (its
+    training context), with a progress bar."""
     from tqdm import tqdm
 
-    latents = np.empty((len(dataset.frames), tokenizer.num_latents, tokenizer.to_latent.out_features), np.float16)
-    starts = [(s, min(window, start + n - s)) for start, n in zip(dataset.starts, dataset.lengths)
-              for s in range(start, start + n, window)]
-    with tqdm(total=len(dataset.frames), desc="encode", unit="frame") as bar:
+    total = len(dataset.frames) - first_frame
+    latents = np.empty((total, tokenizer.num_latents, tokenizer.to_latent.out_features), np.float16)
+    starts = [(s - first_frame, min(window, start + n - s)) for start, n in zip(dataset.starts, dataset.lengths)
+              if start >= first_frame for s in range(start, start + n, window)]
+    with tqdm(total=total, desc="encode", unit="frame") as bar:
         for length in sorted({n for _, n in starts}):
             group = [s for s, n in starts if n == length]
             for i in range(0, len(group), batch):
                 index = np.array(group[i:i + batch])[:, None] + np.arange(length)
                 with autocast(device):
-                    z = tokenizer.encode(frames_to_tensor(dataset.frames[index], device))
+                    z = tokenizer.encode(frames_to_tensor(dataset.frames[index + first_frame], device))
                 latents[index] = z.float().cpu().numpy()
                 bar.update(index.size)
     return latents
+
+
+def load_tokenizer(run_dir, device):
+    """The frozen tokenizer of a run, its config and its training step."""
+    state = load_checkpoint(Path(run_dir) / "tokenizer.pt", "run train_mae.py on this --run-dir first")
+    tokenizer_cfg = Config(**state["config"])
+    tokenizer = Tokenizer(tokenizer_cfg).to(device).eval().requires_grad_(False)
+    tokenizer.load_state_dict(state["model"])
+    return tokenizer, tokenizer_cfg, state["step"]
+
+
+def world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device):
+    """What the dynamics and the agent train on: the run's episodes, the latents of every frame (cached in
+    run_dir/latents_<tokenizer step>.npy, tied to those weights; only frames added since are encoded), the
+    action binning, and every row's action as bin indices (N, dims), -1 where no action led to the frame."""
+    run_dir = Path(cfg.run_dir)
+    dataset = EpisodeDataset(run_dir / "data", cfg.holdout_every)
+    path = run_dir / f"latents_{tokenizer_step}.npy"
+    latents = np.load(path) if path.exists() else np.empty((0, tokenizer.num_latents, tokenizer_cfg.latent_dim),
+                                                           np.float16)
+    if len(latents) < len(dataset.frames):
+        new = encode_dataset(tokenizer, dataset, tokenizer_cfg.seq_len, device, first_frame=len(latents))
+        latents = np.concatenate([latents, new])
+        np.save(str(path) + ".tmp.npy", latents)
+        Path(str(path) + ".tmp.npy").replace(path)
+    env = make_env(cfg)
+    bins = ActionBins(stream_action_space(env.action_space, env.observation_space), cfg.action_bins)
+    env.close()
+    return dataset, latents, bins, np.where(dataset.first[:, None], -1, bins.to_bins(dataset.actions))
 
 
 def frames_to_uint8(frames):
@@ -985,7 +1345,7 @@ def frames_to_uint8(frames):
 
 
 # ==================================================================================================================
-# 7. Checkpoints, metrics and videos
+# 8. Checkpoints, metrics and videos
 # ==================================================================================================================
 def save_checkpoint(path, **state):
     """torch.save to a temporary file, then an atomic rename: an interruption never leaves half a checkpoint."""
@@ -1084,14 +1444,16 @@ class Logger:
         if self.wandb:
             self.wandb.log({f"{self.stage}/{key}": value for key, value in metrics.items()}, step=step)
 
-    def video(self, step, columns):
-        """Writes run_dir/videos/<stage>_<step>.mp4 of the clips side by side (see write_video); returns its path."""
-        path = self.path.parent / "videos" / f"{self.stage}_{step:07d}.mp4"
+    def video(self, step, columns, name=None):
+        """Writes run_dir/videos/<name or stage>_<step>.mp4 of the clips side by side (see write_video); returns
+        its path."""
+        name = name or self.stage
+        path = self.path.parent / "videos" / f"{name}_{step:07d}.mp4"
         write_video(path, columns)
         if self.wandb:
             import wandb
 
-            self.wandb.log({f"{self.stage}/video": wandb.Video(str(path), format="mp4")}, step=step)
+            self.wandb.log({f"{self.stage}/{name}_video": wandb.Video(str(path), format="mp4")}, step=step)
         return path
 
     def close(self):
