@@ -56,26 +56,13 @@ def main():
     cfg = d4.parse_config("dynamics", __doc__)
     run_dir = Path(cfg.run_dir)
     checkpoint_path = run_dir / "dynamics.pt"
-    tokenizer_state = d4.load_checkpoint(run_dir / "tokenizer.pt", "run train_mae.py on this --run-dir first")
+    device = d4.pick_device(cfg.device)
+    tokenizer, tokenizer_cfg, tokenizer_step = d4.load_tokenizer(run_dir, device)
     state = d4.resume_state(cfg, checkpoint_path)
     d4.seed_everything(cfg.seed)
-    device = d4.pick_device(cfg.device)
-
-    tokenizer_cfg = d4.Config(**tokenizer_state["config"])
-    tokenizer = d4.Tokenizer(tokenizer_cfg).to(device).eval().requires_grad_(False)
-    tokenizer.load_state_dict(tokenizer_state["model"])
     cfg = dataclasses.replace(cfg, env=tokenizer_cfg.env, image_size=tokenizer_cfg.image_size,
                               num_latents=tokenizer_cfg.num_latents, latent_dim=tokenizer_cfg.latent_dim)
-    dataset = d4.EpisodeDataset(run_dir / "data", cfg.holdout_every)
-    cache_path = run_dir / f"latents_{tokenizer_state['step']}.npy"   # tied to this tokenizer's weights
-    if not cache_path.exists():
-        np.save(str(cache_path) + ".tmp.npy", d4.encode_dataset(tokenizer, dataset, tokenizer_cfg.seq_len, device))
-        Path(str(cache_path) + ".tmp.npy").replace(cache_path)
-    latents = np.load(cache_path)
-    env = d4.make_env(cfg)
-    bins = d4.ActionBins(d4.stream_action_space(env.action_space, env.observation_space), cfg.action_bins)
-    env.close()
-    action_bins = np.where(dataset.first[:, None], -1, bins.to_bins(dataset.actions))   # (N, dims), -1: none
+    dataset, latents, bins, action_bins = d4.world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device)
 
     def sample(batch, length, split, rng):
         index = dataset.sample_index(batch, length, split, rng)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,3 +119,32 @@ def test_train_dynamics_trains_resumes_and_reports_rollouts_against_baselines(ti
     for key in ("rollout", "copy", "shuffled", "recon"):
         assert len(evals[-1][f"{key}_psnr_h"]) == 3 and 0 < evals[-1][f"{key}_psnr"] < 60
     assert (run_dir / "latents_20.npy").exists() and (run_dir / "videos" / "dynamics_0000020.mp4").exists()
+
+
+def test_train_policy_refuses_a_run_without_dynamics(tiny_run, tmp_path):
+    (tmp_path / "tokenizer.pt").write_bytes((tiny_run[0] / "tokenizer.pt").read_bytes())
+    line = one_line_error(run("train_policy.py", *TINY, "--run-dir", str(tmp_path)))
+    assert "dynamics.pt" in line and "train_dynamics.py" in line
+
+
+def test_train_policy_evaluates_resumes_and_improves_online(tiny_run):
+    run_dir, _ = tiny_run
+    if not (run_dir / "dynamics.pt").exists():
+        assert run("train_dynamics.py", *TINY, "--run-dir", str(run_dir)).returncode == 0
+    quick = [*TINY, "--run-dir", str(run_dir), "--finetune-steps", "4", "--steps", "4", "--eval-episodes", "1",
+             "--max-episode-steps", "30", "--eval-every", "4"]
+    first = run("train_policy.py", *quick)
+    assert first.returncode == 0, first.stderr
+    episodes = len(d4.episode_files(run_dir / "data"))
+    second = run("train_policy.py", *quick, "--iterations", "1", "--resume")   # one online round on top
+    assert second.returncode == 0, second.stderr
+    assert len(d4.episode_files(run_dir / "data")) == episodes + 1
+    assert torch.load(run_dir / "agent.pt", weights_only=True)["progress"]["step"] == 16
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"policy"' in line]
+    keyed = lambda key: [r for r in records if key in r]  # noqa: E731
+    assert [r["step"] for r in keyed("eval_return")] == [8, 16] and len(keyed("eval_return_std")) == 2
+    assert len(keyed("random_return")) == len(keyed("bc_return")) == 1   # baselines once, on the same seeds
+    assert all(np.isfinite(r[k]) for k in ("random_return", "bc_return") for r in keyed(k))
+    assert keyed("imagined_return") and {r["phase"] for r in keyed("bc")} == {"finetune"}
+    assert (run_dir / "videos" / "policy_real_0000016.mp4").exists()
+    assert (run_dir / "videos" / "policy_imagined_0000008.mp4").exists()

@@ -1,0 +1,181 @@
+"""The agent (SPEC Sec. 4): agent-token isolation, heads and their alignment, lambda-returns, PMPO, imagination
+and acting in the real environment."""
+import dataclasses
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dreamer4 as d4
+
+BINS = [5, 4]
+
+
+@pytest.fixture
+def agent(tiny_cfg):
+    torch.manual_seed(0)
+    return d4.Agent(dataclasses.replace(tiny_cfg, mtp_length=2, reward_bins=31), BINS)
+
+
+def random_inputs(cfg, b=2, t=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(b, t, cfg.num_latents, cfg.latent_dim, generator=g)
+    actions = torch.stack([torch.randint(0, n, (b, t), generator=g) for n in BINS], dim=-1)
+    actions[:, 0] = -1
+    return latents, actions
+
+
+def test_agent_tokens_change_no_world_model_prediction(agent, tiny_cfg):
+    with torch.no_grad():
+        agent.dynamics.agent_token.normal_()   # an agent token that is far from zero
+    latents, actions = random_inputs(tiny_cfg)
+    levels, sizes = torch.rand(2, 5), torch.full((2, 5), 0.25)
+    alone = agent.dynamics.predict(latents, levels, sizes, actions)
+    with_agent, features = agent.dynamics.predict(latents, levels, sizes, actions, agent=True)
+    assert torch.allclose(alone, with_agent, atol=1e-5)
+    assert features.shape == (2, 5, tiny_cfg.dyn_dim)
+    # the agent token reads its frame and its past, never the future
+    changed = latents.clone()
+    changed[:, 3] += 1
+    features_changed = agent.dynamics.predict(changed, levels, sizes, actions, agent=True)[1]
+    assert torch.allclose(features[:, :3], features_changed[:, :3], atol=1e-5)
+    assert not torch.allclose(features[:, 3], features_changed[:, 3], atol=1e-3)
+
+
+def test_two_hot_round_trips_symexp_values(agent):
+    support = agent.heads.support
+    values = torch.tensor([0.0, 0.3, -0.3, 1.0, -7.5, 42.0, 1000.0, -2500.0])
+    encoded = d4.two_hot(values, support)
+    assert torch.allclose(encoded.sum(-1), torch.ones(len(values)))
+    assert ((encoded > 0).sum(-1) <= 2).all()
+    decoded = d4.two_hot_decode(torch.log(encoded + 1e-12), support)
+    assert torch.allclose(decoded, values, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(d4.symexp(d4.symlog(values)), values, rtol=1e-5)
+    # beyond the range the end bin takes all the weight
+    assert d4.two_hot(torch.tensor([1e30]), support)[0, -1] == 1
+
+
+def test_lambda_returns_match_a_hand_computed_example():
+    rewards, continues = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.5]])
+    values = torch.tensor([[0.0, 10.0, 20.0]])
+    # R_2 = v_2 = 20; R_1 = 2 + .9 * .5 * (.5 * 20 + .5 * 20) = 11; R_0 = 1 + .9 * 1 * (.5 * 10 + .5 * 11) = 10.45
+    returns = d4.lambda_returns(rewards, continues, values, discount=0.9, lam=0.5)
+    assert torch.allclose(returns, torch.tensor([[10.45, 11.0]]))
+
+
+def test_kl_is_the_reverse_kl_from_the_policy_to_the_prior():
+    p, q = torch.log(torch.tensor([[0.9, 0.1]])), torch.log(torch.tensor([[0.5, 0.5]]))
+    kl_pq = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    assert d4.kl_divergence([p], [q]).item() == pytest.approx(kl_pq, rel=1e-5)
+    assert d4.kl_divergence([q], [p]).item() != pytest.approx(kl_pq, rel=1e-2)   # KL is not symmetric
+
+
+def fabricated_rollout(cfg, b=64, seed=0):
+    """A one-step rollout whose advantages are the rewards (the zero-initialized value head predicts 0)."""
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.where(torch.arange(b) % 2 == 0, 1.0, -1.0)[:, None]
+    actions = torch.stack([torch.randint(0, n, (b, 1), generator=g) for n in BINS], dim=-1)
+    return dict(features=torch.randn(b, 2, cfg.dyn_dim, generator=g), actions=actions, rewards=rewards,
+                continues=torch.ones(b, 1))
+
+
+def test_pmpo_has_the_stated_weights_and_kl_direction(agent, tiny_cfg):
+    torch.nn.init.normal_(agent.heads.bc_policy[-1].weight)   # a prior unlike the policy
+    rollout = fabricated_rollout(tiny_cfg)
+    losses = agent.imagination_loss(rollout)
+    features, actions = rollout["features"][:, 0], rollout["actions"][:, 0]
+    logp, kl = 0.0, 0.0
+    for i, n in enumerate(BINS):   # by hand, per action dimension, at distance 0
+        policy = agent.heads.policy(features).view(-1, 2, sum(BINS))[:, 0].split(BINS, -1)[i].log_softmax(-1)
+        prior = agent.heads.bc_policy(features).view(-1, 2, sum(BINS))[:, 0].split(BINS, -1)[i].log_softmax(-1)
+        logp = logp + policy.gather(-1, actions[:, i:i + 1])[:, 0]
+        kl = kl + (policy.exp() * (policy - prior)).sum(-1)
+    positive = rollout["rewards"][:, 0] > 0
+    expected = 0.5 * logp[~positive].mean() - 0.5 * logp[positive].mean() + 0.3 * kl.mean()
+    assert losses["policy"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_pmpo_raises_positive_and_lowers_negative_advantage_actions(agent, tiny_cfg):
+    agent.heads.freeze_prior()
+    rollout = fabricated_rollout(tiny_cfg)
+    positive = rollout["rewards"][:, 0] > 0
+
+    def logp():
+        logits = agent.heads.policy_logits(rollout["features"][:, 0], distance=0)
+        return d4.log_prob(logits, rollout["actions"][:, 0]).detach()
+
+    before = logp()
+    optimizer = torch.optim.SGD(agent.heads.policy.parameters(), lr=0.05)
+    for _ in range(5):
+        optimizer.zero_grad()
+        agent.imagination_loss(rollout)["policy"].backward()
+        optimizer.step()
+    change = logp() - before
+    assert change[positive].mean() > 0 > change[~positive].mean()
+
+
+def test_value_head_learns_the_returns(agent, tiny_cfg):
+    rollout = fabricated_rollout(tiny_cfg)
+    rollout["continues"] = torch.zeros_like(rollout["continues"])   # terminal after one step: R_0 = r_1
+    optimizer = torch.optim.Adam(agent.heads.value.parameters(), lr=1e-2)
+    for _ in range(100):
+        optimizer.zero_grad()
+        agent.imagination_loss(rollout)["value"].backward()
+        optimizer.step()
+    values = agent.heads.predicted_value(rollout["features"][:, 0]).detach()
+    assert (values - rollout["rewards"][:, 0]).abs().mean() < 0.2
+
+
+def test_finetuning_targets_are_aligned_and_the_loss_falls(agent, tiny_cfg):
+    latents, actions = random_inputs(tiny_cfg, b=4, t=6)
+    rewards, terminated = torch.randn(4, 6), torch.zeros(4, 6, dtype=torch.bool)
+    # the block of frame t holds a_{t-1}; its agent token must predict a_t, which it cannot see
+    features = agent.features(latents, actions)
+    shifted = actions.clone()
+    shifted[:, 3] = (shifted[:, 3] + 1) % torch.tensor(BINS)
+    torch.manual_seed(0)
+    a = agent.features(latents, actions)
+    torch.manual_seed(0)
+    b = agent.features(latents, shifted)
+    assert torch.allclose(a[:, :3], b[:, :3], atol=1e-5) and features.shape == (4, 6, tiny_cfg.dyn_dim)
+    trainer = d4.Trainer(agent, dataclasses.replace(tiny_cfg, lr=3e-3, warmup_steps=1), torch.device("cpu"))
+    history = [trainer.step(agent.finetune_loss, latents, actions, rewards, terminated) for _ in range(40)]
+    for term in ("bc", "reward", "continuation"):
+        assert np.mean([h[term] for h in history[-5:]]) < 0.7 * np.mean([h[term] for h in history[:5]]), term
+
+
+def test_imagination_feeds_the_policys_sampled_actions_to_the_dynamics(agent, tiny_cfg):
+    with torch.no_grad():   # a policy that always picks bin 3 of dimension 0 and bin 1 of dimension 1
+        agent.heads.policy[-1].weight.zero_()
+        agent.heads.policy[-1].bias.copy_(torch.tensor([0, 0, 0, 50.0, 0, 0, 50.0, 0, 0] * 2))
+    seen = []
+    denoise = agent.dynamics.denoise
+    agent.dynamics.denoise = lambda cache, actions, *rest, **kw: seen.append(actions) or denoise(
+        cache, actions, *rest, **kw)
+    latents, actions = random_inputs(tiny_cfg, b=3, t=2)
+    rollout = agent.imagine(latents, actions, horizon=4, steps=2, generator=torch.Generator().manual_seed(0))
+    assert rollout["features"].shape == (3, 5, tiny_cfg.dyn_dim) and rollout["latents"].shape == (3, 4, 4, 8)
+    assert (rollout["actions"] == torch.tensor([3, 1])).all()
+    assert len(seen) == 4 and all(torch.equal(s[:, 0], rollout["actions"][:, i]) for i, s in enumerate(seen))
+    assert rollout["rewards"].shape == rollout["continues"].shape == (3, 4)
+    assert ((rollout["continues"] > 0) & (rollout["continues"] < 1)).all()
+
+
+def test_acting_costs_one_frame_per_step_and_real_env_evaluation_runs(agent, tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, max_episode_steps=24)
+    tokenizer = d4.Tokenizer(cfg).eval()
+    env = d4.make_env(cfg)
+    bins = d4.ActionBins(env.action_space, cfg.action_bins)
+    env.close()
+    agent = d4.Agent(cfg, bins.bins).eval()
+    policy = d4.AgentPolicy(agent, tokenizer, cfg.seq_len, torch.device("cpu"), seed=0)
+    episodes = list(d4.play_episodes(cfg, policy, episodes=2, seed=3))
+    returns = np.array([[sum(s["rewards"]) for s in streams] for streams in episodes])
+    assert returns.shape == (2, 1) and np.isfinite(returns).all()
+    steps = len(episodes[-1][0]["frames"]) - 1   # the policy saw every frame but the last
+    assert steps > 5 and policy.cache.frames == steps   # one dynamics frame per step
+    assert all(k.shape[2] == min(steps, cfg.dyn_seq_len) for k, _ in policy.cache.layers.values())   # window
+    again = d4.evaluate_returns(cfg, d4.AgentPolicy(agent, tokenizer, cfg.seq_len, torch.device("cpu"), seed=0), 2, 3)
+    assert np.array_equal(returns, again)

@@ -1,0 +1,175 @@
+"""Stage 3: the agent. Finetunes the world model with policy, reward and continuation heads (Eq. 9), trains the
+policy and value heads inside the world model with PMPO (Eq. 10-11), and plays the real environment with them.
+
+    python train_policy.py --preset small --run-dir runs/small      # after train_mae.py and train_dynamics.py
+
+Reads tokenizer.pt, dynamics.pt and data/ from --run-dir; writes agent.pt, metrics.jsonl and videos/
+(policy_real_*.mp4: a real episode of the trained policy; policy_imagined_*.mp4: imagined rollouts with their
+predicted rewards). The evaluation plays --eval-episodes seeded episodes each with the random explorer (the data's
+policy), the behaviour-cloned policy and the imagination-trained one. With --iterations N it then alternates:
+collect --iteration-episodes episodes with the policy into data/, finetune on the grown dataset, imagination
+training, evaluation.
+"""
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import dreamer4 as d4
+
+# the world model's settings come from dynamics.pt, whatever the command line says
+WORLD_FIELDS = ("env", "image_size", "action_repeat", "zoom_skip", "action_bins",
+                "explore_rest", "holdout_every", "num_latents", "latent_dim", "time_every", "mlp_ratio", "softcap",
+                "dyn_dim", "dyn_heads", "dyn_kv_heads", "dyn_layers", "latent_tokens", "action_tokens",
+                "register_tokens", "max_shortcut_steps", "context_signal", "dyn_seq_len")
+EVAL_SEED, COLLECT_SEED = 10_000, 50_000   # offsets that keep evaluation tracks apart from training tracks
+
+
+def imagined_video(tokenizer, batch, rollout, device, clips=4):
+    """Decoded imagined rollouts (after their real context), upscaled, with each frame's predicted reward."""
+    import cv2
+
+    with d4.autocast(device):
+        frames = tokenizer.decode(torch.cat([batch["latents"][:clips], rollout["latents"][:clips]], dim=1)).float()
+    c, columns = batch["latents"].shape[1], []
+    for clip, rewards in zip(frames, rollout["rewards"][:clips].tolist()):
+        video = d4.frames_to_uint8(clip[c:]).repeat(2, axis=1).repeat(2, axis=2)
+        for frame, reward in zip(video, rewards):
+            cv2.putText(frame, f"r {reward:+.2f}", (2, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
+        columns.append(video)
+    return columns
+
+
+def main():
+    cfg = d4.parse_config("policy", __doc__)
+    run_dir = Path(cfg.run_dir)
+    checkpoint_path = run_dir / "agent.pt"
+    device = d4.pick_device(cfg.device)
+    tokenizer, tokenizer_cfg, tokenizer_step = d4.load_tokenizer(run_dir, device)
+    dynamics_state = d4.load_checkpoint(run_dir / "dynamics.pt", "run train_dynamics.py on this --run-dir first")
+    state = d4.resume_state(cfg, checkpoint_path)
+    d4.seed_everything(cfg.seed)
+    world = d4.Config(**dynamics_state["config"])
+    cfg = dataclasses.replace(cfg, **{name: getattr(world, name) for name in WORLD_FIELDS})
+    dataset, latents, bins, action_bins = d4.world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device)
+
+    agent = d4.Agent(cfg, bins.bins).to(device)
+    agent.dynamics.load_state_dict(dynamics_state["model"])
+    finetuner = d4.Trainer(agent, cfg, device)
+    imaginer = d4.Trainer(nn.ModuleList([agent.heads.policy, agent.heads.value]),
+                          dataclasses.replace(cfg, lr=cfg.policy_lr), device)
+    progress = dict(step=0, evaluated=[], collected=0, collect_start=None)   # step counts finetuning + imagination steps
+    if state:
+        agent.load_state_dict(state["model"])
+        finetuner.load_state_dict(state["finetuner"])
+        imaginer.load_state_dict(state["imaginer"])
+        progress = state["progress"]
+    per_iteration = cfg.finetune_steps + cfg.imagination_steps
+    total = per_iteration * (cfg.iterations + 1)
+
+    def save():
+        d4.save_checkpoint(checkpoint_path, model=agent.state_dict(), finetuner=finetuner.state_dict(),
+                           imaginer=imaginer.state_dict(), progress=progress, config=dataclasses.asdict(cfg),
+                           action_bins=bins.bins)
+
+    def sample(batch, length, rng):
+        index = dataset.sample_index(batch, length, "train", rng)
+        return dict(latents=torch.from_numpy(latents[index]).to(device).float(),
+                    actions=torch.from_numpy(action_bins[index]).to(device),
+                    rewards=torch.from_numpy(dataset.rewards[index]).to(device),
+                    terminated=torch.from_numpy(dataset.terminated[index]).to(device))
+
+    def policy(prior=False, explore=0.0, seed=0):
+        explorer = d4.RandomExplorer(bins, np.random.default_rng(seed), rest=d4.explore_rest(cfg, bins.dims))
+        return d4.AgentPolicy(agent, tokenizer, tokenizer_cfg.seq_len, device, prior, seed, explorer, explore)
+
+    def evaluate(iteration, step):
+        agent.eval()
+        seed = cfg.seed + EVAL_SEED
+        if iteration == 0:   # the baselines, on the same seeded tracks
+            random_policy = d4.RandomExplorer(bins, np.random.default_rng(seed), rest=d4.explore_rest(cfg, bins.dims))
+            for name, baseline in (("random", random_policy), ("bc", policy(prior=True, seed=seed))):
+                summary = d4.returns_summary(d4.evaluate_returns(cfg, baseline, cfg.eval_episodes, seed))
+                logger.log(step, **{f"{name}_return": summary["mean"], f"{name}_return_std": summary["std"]})
+                bar.write(f"{name} policy: return {summary['mean']:.1f} +- {summary['std']:.1f}")
+        episodes = list(d4.play_episodes(cfg, policy(seed=seed), cfg.eval_episodes, seed))
+        summary = d4.returns_summary(np.array([[sum(s["rewards"]) for s in streams] for streams in episodes]))
+        logger.log(step, iteration=iteration, eval_return=summary["mean"], eval_return_std=summary["std"])
+        video = logger.video(step, [np.stack(episodes[0][0]["frames"])], name="policy_real")
+        bar.write(f"iteration {iteration}: trained policy return {summary['mean']:.1f} +- {summary['std']:.1f}; "
+                  f"{video}")
+        agent.train()
+
+    def collect(iteration):
+        """Plays episodes with the policy plus exploration into data/, then extends the dataset and latents.
+        Resumable: progress counts the episodes already saved."""
+        nonlocal dataset, latents, action_bins
+        if progress["collect_start"] is None:
+            progress.update(collect_start=len(d4.episode_files(run_dir / "data")), collect_played=0)
+        agent.eval()
+        start, played = progress["collect_start"], progress["collect_played"]
+        seed = cfg.seed + COLLECT_SEED + start + played
+        explorer = policy(explore=cfg.explore_prob, seed=seed)
+        for streams in d4.play_episodes(cfg, explorer, cfg.iteration_episodes - played, seed):
+            files = len(d4.episode_files(run_dir / "data"))
+            for i, stream in enumerate(streams):
+                d4.save_episode(run_dir / "data" / f"episode_{files + i:06d}.npz", stream)
+            progress["collect_played"] += 1
+            save()
+            bar.write(f"iteration {iteration}: collected an episode, return "
+                      f"{np.mean([sum(s['rewards']) for s in streams]):.1f}")
+        agent.train()
+        progress.update(collect_start=None, collected=iteration)
+        dataset, latents, _, action_bins = d4.world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device)
+
+    logger = d4.Logger(cfg, "policy")
+    rng = np.random.default_rng([cfg.seed, progress["step"]])
+    generator = torch.Generator(device).manual_seed(cfg.seed + progress["step"])
+    bar = tqdm(total=total, initial=progress["step"], desc="agent", unit="step")
+    returns = []
+    with d4.saved_on_exit(save, bar, logger):
+        while True:
+            step = progress["step"]
+            iteration, within = divmod(step, per_iteration)
+            if step > 0 and within == 0 and len(progress["evaluated"]) < iteration:
+                evaluate(iteration - 1, step)   # the previous iteration has ended
+                progress["evaluated"].append(step)
+                save()
+            if step == total:
+                break
+            if within == 0 and progress["collected"] < iteration:
+                collect(iteration)
+            if within < cfg.finetune_steps:
+                batch = sample(cfg.batch_size, cfg.dyn_seq_len, rng)
+                metrics = finetuner.step(agent.finetune_loss, batch["latents"], batch["actions"], batch["rewards"],
+                                         batch["terminated"])
+                if within + 1 == cfg.finetune_steps:
+                    agent.heads.freeze_prior()   # the behaviour-cloned policy: PMPO's prior
+            else:
+                batch = sample(cfg.batch_size, cfg.imagination_context, rng)
+                rollout = agent.imagine(batch["latents"], batch["actions"], cfg.imagination_horizon,
+                                        cfg.sampling_steps, generator)
+                metrics = imaginer.step(agent.imagination_loss, rollout)
+                returns.append(rollout["rewards"].sum(1).mean().item())
+            progress["step"] += 1
+            bar.update(1)
+            if progress["step"] % 10 == 0 or progress["step"] == total:
+                if returns:
+                    metrics["imagined_return"] = float(np.mean(returns))
+                    returns = []
+                logger.log(progress["step"], phase="finetune" if within < cfg.finetune_steps else "imagine",
+                           **metrics)
+                bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("bc", "reward", "policy", "imagined_return")
+                                 if k in metrics})
+            if progress["step"] % cfg.eval_every == 0 and within >= cfg.finetune_steps:
+                logger.video(progress["step"], imagined_video(tokenizer, batch, rollout, device),
+                             name="policy_imagined")
+            if progress["step"] % cfg.save_every == 0:
+                save()
+
+
+if __name__ == "__main__":
+    d4.run_cli(main)
