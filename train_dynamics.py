@@ -27,9 +27,11 @@ def evaluate(dynamics, tokenizer, batch, cfg, device):
     truth = d4.frames_to_tensor(batch["frames"], device)
     shuffled = actions[torch.randperm(len(actions), generator=torch.Generator().manual_seed(0))]
 
-    def decode_after_context(future):   # the decoder is causal in time: decode after the real context
+    def decode_after_context(future):   # the decoder is causal in time: after the real context, each frame
+        # with at most its training window of frames
         with d4.autocast(device):
-            return tokenizer.decode(torch.cat([latents[:, :c], future], dim=1))[:, c:].float()
+            return d4.causal_windows(tokenizer.decode, torch.cat([latents[:, :c], future], dim=1),
+                                     tokenizer.window)[:, c:].float()
 
     def rollout(future_actions):
         return decode_after_context(dynamics.generate(
@@ -47,7 +49,7 @@ def evaluate(dynamics, tokenizer, batch, cfg, device):
         metrics[f"{key}_psnr"] = float(np.mean(metrics[f"{key}_psnr_h"]))
     dynamics.train()
     with d4.autocast(device):
-        context = tokenizer.decode(latents[:1, :c]).float()
+        context = d4.causal_windows(tokenizer.decode, latents[:1, :c], tokenizer.window).float()
     columns = [d4.frames_to_uint8(truth[0]), d4.frames_to_uint8(torch.cat([context[0], dreams[0]]))]
     return metrics, columns
 

@@ -33,7 +33,8 @@ def imagined_video(tokenizer, batch, rollout, device, clips=4):
     import cv2
 
     with d4.autocast(device):
-        frames = tokenizer.decode(torch.cat([batch["latents"][:clips], rollout["latents"][:clips]], dim=1)).float()
+        frames = d4.causal_windows(tokenizer.decode, torch.cat([batch["latents"][:clips],
+                                   rollout["latents"][:clips]], dim=1), tokenizer.window).float()
     c, columns = batch["latents"].shape[1], []
     for clip, rewards in zip(frames, rollout["rewards"][:clips].tolist()):
         video = d4.frames_to_uint8(clip[c:]).repeat(2, axis=1).repeat(2, axis=2)
@@ -84,7 +85,7 @@ def main():
 
     def policy(prior=False, explore=0.0, seed=0):
         explorer = d4.RandomExplorer(bins, np.random.default_rng(seed), rest=d4.explore_rest(cfg, bins.dims))
-        return d4.AgentPolicy(agent, tokenizer, tokenizer_cfg.seq_len, device, prior, seed, explorer, explore)
+        return d4.AgentPolicy(agent, tokenizer, tokenizer.window, device, prior, seed, explorer, explore)
 
     def evaluate(iteration, step):
         agent.eval()

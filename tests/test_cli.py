@@ -118,7 +118,7 @@ def test_train_dynamics_trains_resumes_and_reports_rollouts_against_baselines(ti
     assert [r["step"] for r in evals] == [10, 20]
     for key in ("rollout", "copy", "shuffled", "recon"):
         assert len(evals[-1][f"{key}_psnr_h"]) == 3 and 0 < evals[-1][f"{key}_psnr"] < 60
-    assert (run_dir / "latents_20.npy").exists() and (run_dir / "videos" / "dynamics_0000020.mp4").exists()
+    assert (run_dir / "latents_20_causal4.npy").exists() and (run_dir / "videos" / "dynamics_0000020.mp4").exists()
 
 
 def test_train_policy_refuses_a_run_without_dynamics(tiny_run, tmp_path):

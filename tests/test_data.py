@@ -4,6 +4,7 @@ import tracemalloc
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 import dreamer4 as d4
 
@@ -134,3 +135,21 @@ def test_single_agent_evaluation_returns_one_column(tiny_cfg):
     cfg = tiny_cfg.__class__(**{**vars(tiny_cfg), "max_episode_steps": 40})
     policy = d4.RandomExplorer(d4.ActionBins(gym.spaces.Box(-1, 1, (3,)), 33), np.random.default_rng(0))
     assert d4.evaluate_returns(cfg, policy, episodes=2, seed=0).shape == (2, 1)
+
+
+def test_every_frame_is_encoded_with_its_own_causal_window(tiny_cfg, tmp_path):
+    """Frame t's latents come from frames max(episode start, t - window + 1)..t, the same for every t, as when
+    acting; and new episodes can be encoded on their own."""
+    write_episodes(tmp_path, [3, 9], size=tiny_cfg.image_size)
+    dataset = d4.EpisodeDataset(tmp_path, holdout_every=2)
+    tokenizer = d4.Tokenizer(tiny_cfg).eval()
+    with torch.no_grad():
+        tokenizer.latent_tokens.normal_()   # make every latent depend clearly on its context
+    latents = d4.encode_dataset(tokenizer, dataset, window=4, device=torch.device("cpu"), batch=2)
+    for t in range(len(dataset.frames)):
+        start = dataset.starts[dataset.starts <= t].max()
+        context = dataset.frames[max(start, t - 3):t + 1][None]
+        with torch.no_grad():
+            expected = tokenizer.encode(d4.frames_to_tensor(context, torch.device("cpu")))[0, -1]
+        assert torch.allclose(torch.from_numpy(latents[t]).float(), expected, atol=2e-3), t
+    assert np.array_equal(d4.encode_dataset(tokenizer, dataset, 4, torch.device("cpu"), first_frame=3), latents[3:])
