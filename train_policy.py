@@ -83,16 +83,17 @@ def main():
                     rewards=torch.from_numpy(dataset.rewards[index]).to(device),
                     terminated=torch.from_numpy(dataset.terminated[index]).to(device))
 
+    def random_policy(seed):   # the explorer that collected the data
+        return d4.RandomExplorer(bins, np.random.default_rng(seed), rest=d4.explore_rest(cfg, bins.dims))
+
     def policy(prior=False, explore=0.0, seed=0):
-        explorer = d4.RandomExplorer(bins, np.random.default_rng(seed), rest=d4.explore_rest(cfg, bins.dims))
-        return d4.AgentPolicy(agent, tokenizer, tokenizer.window, device, prior, seed, explorer, explore)
+        return d4.AgentPolicy(agent, tokenizer, tokenizer.window, device, prior, seed, random_policy(seed), explore)
 
     def evaluate(iteration, step):
         agent.eval()
         seed = cfg.seed + EVAL_SEED
         if iteration == 0:   # the baselines, on the same seeded tracks
-            random_policy = d4.RandomExplorer(bins, np.random.default_rng(seed), rest=d4.explore_rest(cfg, bins.dims))
-            for name, baseline in (("random", random_policy), ("bc", policy(prior=True, seed=seed))):
+            for name, baseline in (("random", random_policy(seed)), ("bc", policy(prior=True, seed=seed))):
                 summary = d4.returns_summary(d4.evaluate_returns(cfg, baseline, cfg.eval_episodes, seed))
                 logger.log(step, **{f"{name}_return": summary["mean"], f"{name}_return_std": summary["std"]})
                 bar.write(f"{name} policy: return {summary['mean']:.1f} +- {summary['std']:.1f}")
@@ -147,9 +148,9 @@ def main():
                 batch = sample(cfg.batch_size, cfg.dyn_seq_len, rng)
                 metrics = finetuner.step(agent.finetune_loss, batch["latents"], batch["actions"], batch["rewards"],
                                          batch["terminated"])
-                if within + 1 == cfg.finetune_steps:
-                    agent.heads.freeze_prior()   # the behaviour-cloned policy: PMPO's prior
             else:
+                if within == cfg.finetune_steps:
+                    agent.heads.freeze_prior()   # the behaviour-cloned policy: PMPO's prior
                 batch = sample(cfg.batch_size, cfg.imagination_context, rng)
                 rollout = agent.imagine(batch["latents"], batch["actions"], cfg.imagination_horizon,
                                         cfg.sampling_steps, generator)
