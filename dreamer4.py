@@ -1361,6 +1361,14 @@ def world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device):
     return dataset, latents, bins, np.where(dataset.first[:, None], -1, bins.to_bins(dataset.actions))
 
 
+def latent_batch(dataset, latents, action_bins, index, device):
+    """What the dynamics and agent stages train on, for frame indices (B, T) from EpisodeDataset.sample_index:
+    latents (float), actions as bin indices, rewards and terminated flags as tensors on device, and the index."""
+    tensor = lambda array: torch.from_numpy(array[index]).to(device)  # noqa: E731
+    return dict(latents=tensor(latents).float(), actions=tensor(action_bins), rewards=tensor(dataset.rewards),
+                terminated=tensor(dataset.terminated), index=index)
+
+
 def frames_to_uint8(frames):
     """float (T, 3, H, W) in [0, 1] -> uint8 (T, H, W, 3) numpy."""
     return (frames.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()

@@ -67,9 +67,7 @@ def main():
     dataset, latents, bins, action_bins = d4.world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device)
 
     def sample(batch, length, split, rng):
-        index = dataset.sample_index(batch, length, split, rng)
-        return dict(latents=torch.from_numpy(latents[index]).to(device).float(),
-                    actions=torch.from_numpy(action_bins[index]).to(device), index=index)
+        return d4.latent_batch(dataset, latents, action_bins, dataset.sample_index(batch, length, split, rng), device)
 
     dynamics = d4.Dynamics(cfg, bins.bins).to(device)
     trainer = d4.Trainer(dynamics, cfg, device)

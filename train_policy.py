@@ -76,12 +76,9 @@ def main():
                            imaginer=imaginer.state_dict(), progress=progress, config=dataclasses.asdict(cfg),
                            action_bins=bins.bins)
 
-    def sample(batch, length, rng):
-        index = dataset.sample_index(batch, length, "train", rng)
-        return dict(latents=torch.from_numpy(latents[index]).to(device).float(),
-                    actions=torch.from_numpy(action_bins[index]).to(device),
-                    rewards=torch.from_numpy(dataset.rewards[index]).to(device),
-                    terminated=torch.from_numpy(dataset.terminated[index]).to(device))
+    def sample(batch, length, rng):   # reads dataset, latents and action_bins as collect() leaves them
+        return d4.latent_batch(dataset, latents, action_bins, dataset.sample_index(batch, length, "train", rng),
+                               device)
 
     def random_policy(seed):   # the explorer that collected the data
         return d4.RandomExplorer(bins, np.random.default_rng(seed), rest=d4.explore_rest(cfg, bins.dims))
