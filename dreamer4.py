@@ -65,7 +65,8 @@ class Config:
     num_envs: int = arg(0, "parallel environments for collection; 0 means one per CPU core")
     holdout_every: int = arg(10, "every n-th episode (starting with the first) is held out for evaluation")
     # transformer (shared by tokenizer and dynamics)
-    time_every: int = arg(4, "every n-th block attends over time (causal); the others over space")
+    time_every: int = arg(4, "every n-th block attends over time (causal), the others over space; for the "
+                             "tokenizer, and the dynamics unless --dyn-time-every")
     mlp_ratio: float = arg(8 / 3, "SwiGLU hidden width as a multiple of the model width")
     softcap: float = arg(0.0, "attention-logit soft cap (paper: 50); >0 leaves SDPA for an explicit, slower path")
     checkpointing: bool = arg(True, "activation checkpointing per block (saves memory, costs ~30%% compute)")
@@ -86,11 +87,16 @@ class Config:
     dyn_heads: int = arg(8, "dynamics query heads")
     dyn_kv_heads: int = arg(2, "dynamics key/value heads (grouped-query attention)")
     dyn_layers: int = arg(12, "dynamics blocks")
+    dyn_time_every: int = arg(0, "every n-th dynamics block attends over time; 0: --time-every (ours: 2 in the small "
+                                 "preset, whose 4 blocks would otherwise mix time only in the last one)")
     latent_tokens: int = arg(16, "tokens per frame holding z (S_z); N_latent must be a multiple")
     action_tokens: int = arg(1, "action tokens per frame (S_a)")
     register_tokens: int = arg(4, "register tokens per frame (S_r)")
     max_shortcut_steps: int = arg(64, "K_max: the finest step size is d_min = 1/K_max")
     bootstrap_fraction: float = arg(0.25, "fraction of frames trained with the bootstrap (d > d_min) term (ours)")
+    bootstrap_start: float = arg(0.0, "fraction of the dynamics training steps before the bootstrap term starts "
+                                      "(ours): until then every frame trains at d_min, and a step costs one forward "
+                                      "pass instead of three")
     single_frame_fraction: float = arg(0.3, "fraction of sequences trained as independent single frames")
     context_signal: float = arg(0.9, "signal level of context frames in generation: 0.9 z + 0.1 noise")
     sampling_steps: int = arg(4, "shortcut steps per generated frame (K)")
@@ -124,6 +130,8 @@ class Config:
     seq_len: int = arg(8, "frames per training sequence")
     lr: float = arg(3e-4, "AdamW learning rate (after a linear warm-up)")
     warmup_steps: int = arg(1000, "linear learning-rate warm-up steps")
+    cooldown: float = arg(0.0, "final fraction of each stage's steps over which the learning rate decays linearly "
+                               "to 0 (ours: warm-up, constant, decay); 0 keeps it constant")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     grad_clip: float = arg(1.0, "gradient-norm clipping")
     eval_every: int = arg(2000, "evaluate (held-out PSNR, video) every n steps")
@@ -139,8 +147,8 @@ PRESETS = {
                  dyn_heads=2, dyn_kv_heads=1, dyn_layers=2, latent_tokens=2, register_tokens=1, dyn_seq_len=6,
                  eval_context=2, eval_horizon=3, finetune_steps=10, imagination_steps=10, mtp_length=3,
                  imagination_context=2, imagination_horizon=3, eval_episodes=2, iteration_episodes=1),
-    "small": dict(image_size=64, collect_frames=10_000, max_episode_steps=300, checkpointing=False, patch_size=8, tok_dim=128, tok_heads=4,
-                  tok_kv_heads=2, tok_enc_layers=4, tok_dec_layers=4, num_latents=16, latent_dim=16,
+    "small": dict(image_size=64, collect_frames=10_000, max_episode_steps=300, checkpointing=False, patch_size=8,
+                  tok_dim=128, tok_heads=4, tok_kv_heads=2, tok_enc_layers=4, tok_dec_layers=4, num_latents=16, latent_dim=16,
                   batch_size=16, seq_len=4, lr=1e-3, warmup_steps=100, mae_steps=1000, eval_every=500,
                   save_every=250, eval_sequences=32, dynamics_steps=3500, dyn_dim=128, dyn_heads=4, dyn_kv_heads=2,
                   dyn_layers=4, latent_tokens=4, register_tokens=2, dyn_seq_len=16, eval_context=8,
@@ -351,11 +359,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Stack of space blocks with a causal time block every `time_every` blocks (at least one), final RMSNorm."""
+    """Stack of space blocks with a causal time block every `time_every` blocks (at least one; 0 means
+    cfg.time_every), final RMSNorm."""
 
-    def __init__(self, dim, depth, heads, kv_heads, cfg):
+    def __init__(self, dim, depth, heads, kv_heads, cfg, time_every=0):
         super().__init__()
-        period = min(cfg.time_every, depth)
+        period = min(time_every or cfg.time_every, depth)
         self.blocks = nn.ModuleList(Block(dim, heads, kv_heads, cfg, over_time=(i + 1) % period == 0)
                                     for i in range(depth))
         self.norm = RMSNorm(dim)
@@ -548,7 +557,7 @@ class Dynamics(nn.Module):
         self.registers = embedding(cfg.register_tokens, dim)
         self.latent_in = nn.Linear(token_width, dim)
         self.latent_space = embedding(cfg.latent_tokens, dim)
-        self.transformer = Transformer(dim, cfg.dyn_layers, cfg.dyn_heads, cfg.dyn_kv_heads, cfg)
+        self.transformer = Transformer(dim, cfg.dyn_layers, cfg.dyn_heads, cfg.dyn_kv_heads, cfg, cfg.dyn_time_every)
         self.latent_out = nn.Linear(dim, token_width)
         self.agent_token = embedding(dim)   # SPEC Sec. 4: reads its frame; nothing reads it
         world = {"action": cfg.action_tokens, "shortcut": 1, "register": cfg.register_tokens,
@@ -587,37 +596,43 @@ class Dynamics(nn.Module):
         out = self.latent_out(x[:, :, end - self.latent_tokens:end]).reshape(b, t, self.num_latents, self.latent_dim)
         return (out, x[:, :, -1]) if agent else out
 
-    def sample_levels(self, b, t, device):
-        """Per frame (diffusion forcing): d = d_min with probability 1 - bootstrap_fraction, else d = 1/k with
-        k uniform over {1, 2, 4, ..., K_max / 2}; tau uniform on {0, d, ..., 1 - d}."""
+    def sample_levels(self, b, t, device, bootstrap=True):
+        """Per frame (diffusion forcing): d = d_min with probability 1 - bootstrap_fraction (always without
+        `bootstrap`), else d = 1/k with k uniform over {1, 2, 4, ..., K_max / 2}; tau uniform on {0, d, ..., 1 - d}."""
         coarse = torch.randint(0, int(math.log2(self.max_steps)), (b, t), device=device)
-        k = torch.where(torch.rand(b, t, device=device) < self.bootstrap_fraction, 2 ** coarse,
+        fraction = self.bootstrap_fraction if bootstrap else 0.0
+        k = torch.where(torch.rand(b, t, device=device) < fraction, 2 ** coarse,
                         torch.full_like(coarse, self.max_steps))
         step_size = 1 / k.float()
         signal_level = (torch.rand(b, t, device=device) * k).floor() / k
         return signal_level, step_size
 
-    def loss(self, latents, actions):
+    def loss(self, latents, actions, bootstrap=True):
         """Shortcut forcing (Eq. 7-8) on clean latents (B, T, N_latent, D_latent) and actions (B, T, dims): one
         loss term, the mean over frames of the flow or bootstrap loss. A fraction of the sequences is trained as
-        independent single frames."""
+        independent single frames. bootstrap=False trains every frame at d_min (the warm-up, see
+        --bootstrap-start)."""
         single = round(self.single_frame_fraction * len(latents))
         total, count = 0.0, 0
         for z1, a in ((latents[single:], actions[single:]),
                       (latents[:single].flatten(0, 1)[:, None], actions[:single].flatten(0, 1)[:, None])):
             if len(z1):
-                flow, boot = self.shortcut_terms(z1, a)
+                flow, boot = self.shortcut_terms(z1, a, bootstrap)
                 total, count = total + (flow + boot).sum(), count + flow.numel()
         return {"dynamics": total / count}
 
-    def shortcut_terms(self, z1, actions):
+    def shortcut_terms(self, z1, actions, bootstrap=True):
         """Per-frame weighted flow and bootstrap losses (B, T), each zero where the other term applies."""
         b, t = z1.shape[:2]
-        signal_level, step_size = self.sample_levels(b, t, z1.device)
+        signal_level, step_size = self.sample_levels(b, t, z1.device, bootstrap)
         tau, d = signal_level[..., None, None], step_size[..., None, None]
         noisy = (1 - tau) * torch.randn_like(z1) + tau * z1
         prediction = self.predict(noisy, signal_level, step_size, actions).float()
+        weight = 0.9 * signal_level + 0.1                                     # ramp w(tau)
+        flow = ((prediction - z1) ** 2).flatten(2).mean(-1)
         bootstrap = step_size > 1 / self.max_steps
+        if not bootstrap.any():   # no target to compute: one forward pass
+            return weight * flow, torch.zeros_like(flow)
         with torch.no_grad():   # target from two half steps, no gradient through it
             half = torch.where(bootstrap, step_size / 2, step_size)
             first = (self.predict(noisy, signal_level, half, actions).float() - noisy) / (1 - tau)
@@ -625,8 +640,6 @@ class Dynamics(nn.Module):
             second_level = torch.where(bootstrap, signal_level + half, signal_level)
             second = (self.predict(midway, second_level, half, actions).float() - midway) / (1 - tau - d / 2)
             target_velocity = (first + second) / 2
-        weight = 0.9 * signal_level + 0.1                                     # ramp w(tau)
-        flow = ((prediction - z1) ** 2).flatten(2).mean(-1)
         velocity = (prediction - noisy) / (1 - tau)
         boot = ((1 - tau) ** 2 * (velocity - target_velocity) ** 2).flatten(2).mean(-1)
         return weight * flow * ~bootstrap, weight * boot * bootstrap
@@ -1412,14 +1425,19 @@ def saved_on_exit(save, bar, logger):
 
 
 class Trainer:
-    """One module's AdamW (linear warm-up, then constant), loss normalizer and gradient clipping; `step` is one
-    training step on the loss terms that `loss_fn` returns (bf16 autocast on CUDA)."""
+    """One module's AdamW (linear warm-up, constant, then a linear decay to 0 over the last `cfg.cooldown` of
+    every `total_steps` steps: the online loop's iterations repeat the decay), loss normalizer and gradient
+    clipping; `step` is one training step on the loss terms that `loss_fn` returns (bf16 autocast on CUDA)."""
 
-    def __init__(self, module, cfg, device):
+    def __init__(self, module, cfg, device, total_steps=None):
         self.module, self.device, self.grad_clip = module, device, cfg.grad_clip
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                          lambda step: min(1.0, (step + 1) / cfg.warmup_steps))
+        decay = cfg.cooldown * total_steps if total_steps and cfg.cooldown > 0 else 0
+
+        def factor(step):
+            left = total_steps - step % total_steps if decay else 0
+            return min(1.0, (step + 1) / cfg.warmup_steps, left / decay if decay else 1.0)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.normalizer = LossNormalizer()
 
     def step(self, loss_fn, *args):

@@ -70,7 +70,7 @@ def main():
         return d4.latent_batch(dataset, latents, action_bins, dataset.sample_index(batch, length, split, rng), device)
 
     dynamics = d4.Dynamics(cfg, bins.bins).to(device)
-    trainer = d4.Trainer(dynamics, cfg, device)
+    trainer = d4.Trainer(dynamics, cfg, device, total_steps=cfg.dynamics_steps)
     step = trainer.restore(state) if state else 0
 
     def save():
@@ -85,7 +85,8 @@ def main():
     with d4.saved_on_exit(save, bar, logger):
         while step < cfg.dynamics_steps:
             batch = sample(cfg.batch_size, cfg.dyn_seq_len, "train", rng)
-            metrics = trainer.step(dynamics.loss, batch["latents"], batch["actions"])
+            bootstrap = step >= cfg.bootstrap_start * cfg.dynamics_steps
+            metrics = trainer.step(dynamics.loss, batch["latents"], batch["actions"], bootstrap)
             step += 1
             bar.update(1)
             if step % 50 == 0 or step == cfg.dynamics_steps:

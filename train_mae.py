@@ -46,7 +46,7 @@ def main():
                              f"{cfg.image_size}; use the preset the data was collected with or another --run-dir")
 
     tokenizer = d4.Tokenizer(cfg).to(device)
-    trainer = d4.Trainer(tokenizer, cfg, device)
+    trainer = d4.Trainer(tokenizer, cfg, device, total_steps=cfg.mae_steps)
     step = 0
     if state:
         step = trainer.restore(state)

@@ -22,7 +22,7 @@ import dreamer4 as d4
 
 # the world model's settings come from dynamics.pt, whatever the command line says
 WORLD_FIELDS = ("env", "image_size", "action_repeat", "zoom_skip", "action_bins",
-                "explore_rest", "holdout_every", "num_latents", "latent_dim", "time_every", "mlp_ratio", "softcap",
+                "explore_rest", "holdout_every", "num_latents", "latent_dim", "time_every", "dyn_time_every", "mlp_ratio", "softcap",
                 "dyn_dim", "dyn_heads", "dyn_kv_heads", "dyn_layers", "latent_tokens", "action_tokens",
                 "register_tokens", "max_shortcut_steps", "context_signal", "dyn_seq_len")
 EVAL_SEED, COLLECT_SEED = 10_000, 50_000   # offsets that keep evaluation tracks apart from training tracks
@@ -59,9 +59,9 @@ def main():
 
     agent = d4.Agent(cfg, bins.bins).to(device)
     agent.dynamics.load_state_dict(dynamics_state["model"])
-    finetuner = d4.Trainer(agent, cfg, device)
+    finetuner = d4.Trainer(agent, cfg, device, total_steps=cfg.finetune_steps)
     imaginer = d4.Trainer(nn.ModuleList([agent.heads.policy, agent.heads.value]),
-                          dataclasses.replace(cfg, lr=cfg.policy_lr), device)
+                          dataclasses.replace(cfg, lr=cfg.policy_lr), device)   # constant: the policy must move
     progress = dict(step=0, evaluated=[], collected=0, collect_start=None)   # step counts finetuning + imagination steps
     if state:
         agent.load_state_dict(state["model"])

@@ -64,8 +64,8 @@ def test_at_d_min_the_loss_is_the_weighted_x_space_mse(tiny_cfg):
 def test_the_bootstrap_target_matches_a_hand_computation(tiny_cfg, monkeypatch):
     """Stand-in network f(z, tau, d) = 2 z + tau d, one frame, one latent value, tau = 1/4, d = 1/2."""
     dynamics = d4.Dynamics(dataclasses.replace(tiny_cfg, num_latents=1, latent_dim=1, latent_tokens=1), BINS)
-    monkeypatch.setattr(dynamics, "sample_levels", lambda b, t, device: (torch.full((b, t), 0.25),
-                                                                          torch.full((b, t), 0.5)))
+    monkeypatch.setattr(dynamics, "sample_levels", lambda b, t, *_: (torch.full((b, t), 0.25),
+                                                                      torch.full((b, t), 0.5)))
     monkeypatch.setattr(dynamics, "predict", lambda z, tau, d, a: 2 * z + (tau * d)[..., None, None])
     monkeypatch.setattr(torch, "randn_like", lambda x: torch.full_like(x, -1.0))   # z0 = -1
     z1 = torch.full((1, 1, 1, 1), 0.6)
@@ -78,6 +78,37 @@ def test_the_bootstrap_target_matches_a_hand_computation(tiny_cfg, monkeypatch):
     # loss = w(1/4) (1 - 1/4)^2 (velocity - (b' + b'') / 2)^2 = 0.325 * 0.5625 * (0.3791666...)^2
     assert flow.item() == 0
     assert boot.item() == pytest.approx(0.325 * 0.5625 * (-0.6333333333 + (0.7166666667 + 1.3083333333) / 2) ** 2)
+
+
+def test_before_bootstrapping_every_frame_trains_at_d_min_in_one_forward_pass(tiny_cfg, monkeypatch):
+    dynamics = d4.Dynamics(dataclasses.replace(tiny_cfg, bootstrap_fraction=1.0), BINS)
+    latents, _, _, actions = inputs(tiny_cfg)
+    calls, predict = [], dynamics.predict
+    def counted(noisy, levels, sizes, actions):  # noqa: E306
+        calls.append(sizes)
+        return predict(noisy, levels, sizes, actions)
+    monkeypatch.setattr(dynamics, "predict", counted)
+    flow, boot = dynamics.shortcut_terms(latents, actions, bootstrap=False)
+    assert len(calls) == 1 and (calls[0] == 1 / 64).all() and (boot == 0).all() and (flow > 0).all()
+    calls.clear()
+    flow, boot = dynamics.shortcut_terms(latents, actions)
+    assert len(calls) == 3 and (calls[0] > 1 / 64).all() and (flow == 0).all() and (boot > 0).all()
+
+
+def test_the_learning_rate_warms_up_holds_then_cools_down_to_zero(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, lr=1.0, warmup_steps=10, cooldown=0.5)
+    trainer = d4.Trainer(torch.nn.Linear(1, 1), cfg, torch.device("cpu"), total_steps=100)
+    rates = []
+    for _ in range(200):   # two online iterations of 100 steps: the decay repeats, the warm-up does not
+        rates.append(trainer.schedule.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.schedule.step()
+    assert rates[0] == pytest.approx(0.1) and rates[9:51] == [1.0] * 42
+    assert rates[75] == pytest.approx(0.5) and rates[99] == pytest.approx(0.02)
+    assert all(a > b for a, b in zip(rates[50:100], rates[51:100]))
+    assert rates[100:151] == [1.0] * 51 and rates[110:] == pytest.approx(rates[10:100])
+    constant = d4.Trainer(torch.nn.Linear(1, 1), dataclasses.replace(cfg, cooldown=0.0), torch.device("cpu"), 100)
+    assert constant.schedule.lr_lambdas[0](99) == 1.0
 
 
 def test_cached_generation_equals_uncached(dynamics, tiny_cfg):

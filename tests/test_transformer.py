@@ -19,6 +19,10 @@ def test_every_transformer_has_a_time_block(tiny_cfg):
     for depth, time_every, expected in [(2, 4, [1]), (8, 4, [3, 7]), (3, 1, [0, 1, 2])]:
         model = d4.Transformer(16, depth, 2, 1, dataclasses.replace(tiny_cfg, time_every=time_every))
         assert [i for i, block in enumerate(model.blocks) if block.over_time] == expected
+    cfg = dataclasses.replace(tiny_cfg, time_every=4, dyn_time_every=2, tok_enc_layers=4, dyn_layers=4)
+    time_blocks = lambda model: [i for i, block in enumerate(model.blocks) if block.over_time]  # noqa: E731
+    assert time_blocks(d4.Tokenizer(cfg).encoder) == [3]
+    assert time_blocks(d4.Dynamics(cfg, [3]).transformer) == [1, 3]
 
 
 def test_sdpa_path_matches_the_explicit_path_with_gqa_and_masks(tiny_cfg):
