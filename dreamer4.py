@@ -130,7 +130,7 @@ class Config:
     seq_len: int = arg(8, "frames per training sequence")
     lr: float = arg(3e-4, "AdamW learning rate (after a linear warm-up)")
     warmup_steps: int = arg(1000, "linear learning-rate warm-up steps")
-    cooldown: float = arg(0.0, "final fraction of each stage's steps over which the learning rate decays linearly "
+    cooldown: float = arg(0.2, "final fraction of each stage's steps over which the learning rate decays linearly "
                                "to 0 (ours: warm-up, constant, decay); 0 keeps it constant")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     grad_clip: float = arg(1.0, "gradient-norm clipping")
@@ -148,9 +148,9 @@ PRESETS = {
                  eval_context=2, eval_horizon=3, finetune_steps=10, imagination_steps=10, mtp_length=3,
                  imagination_context=2, imagination_horizon=3, eval_episodes=2, iteration_episodes=1),
     "small": dict(image_size=64, collect_frames=10_000, max_episode_steps=300, checkpointing=False, patch_size=8,
-                  tok_dim=128, tok_heads=4, tok_kv_heads=2, tok_enc_layers=4, tok_dec_layers=4, num_latents=16, latent_dim=16,
+                  dyn_time_every=2, cooldown=0.5, tok_dim=128, tok_heads=4, tok_kv_heads=2, tok_enc_layers=4, tok_dec_layers=4, num_latents=16, latent_dim=16,
                   batch_size=16, seq_len=4, lr=1e-3, warmup_steps=100, mae_steps=1000, eval_every=500,
-                  save_every=250, eval_sequences=32, dynamics_steps=3500, dyn_dim=128, dyn_heads=4, dyn_kv_heads=2,
+                  save_every=250, eval_sequences=64, dynamics_steps=3500, dyn_dim=128, dyn_heads=4, dyn_kv_heads=2,
                   dyn_layers=4, latent_tokens=4, register_tokens=2, dyn_seq_len=16, eval_context=8,
                   eval_horizon=8, finetune_steps=400, imagination_steps=300, imagination_context=4,
                   imagination_horizon=16, iteration_episodes=10),
