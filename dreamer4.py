@@ -148,7 +148,8 @@ PRESETS = {
                  eval_context=2, eval_horizon=3, finetune_steps=10, imagination_steps=10, mtp_length=3,
                  imagination_context=2, imagination_horizon=3, eval_episodes=2, iteration_episodes=1),
     "small": dict(image_size=64, collect_frames=10_000, max_episode_steps=300, checkpointing=False, patch_size=8,
-                  dyn_time_every=2, cooldown=0.5, tok_dim=128, tok_heads=4, tok_kv_heads=2, tok_enc_layers=4, tok_dec_layers=4, num_latents=16, latent_dim=16,
+                  dyn_time_every=2, cooldown=0.5, tok_dim=128, tok_heads=4, tok_kv_heads=2, tok_enc_layers=4,
+                  tok_dec_layers=4, num_latents=16, latent_dim=16,
                   batch_size=16, seq_len=4, lr=1e-3, warmup_steps=100, mae_steps=1000, eval_every=500,
                   save_every=250, eval_sequences=64, dynamics_steps=3500, dyn_dim=128, dyn_heads=4, dyn_kv_heads=2,
                   dyn_layers=4, latent_tokens=4, register_tokens=2, dyn_seq_len=16, eval_context=8,
@@ -1435,8 +1436,8 @@ class Trainer:
         decay = cfg.cooldown * total_steps if total_steps and cfg.cooldown > 0 else 0
 
         def factor(step):
-            left = total_steps - step % total_steps if decay else 0
-            return min(1.0, (step + 1) / cfg.warmup_steps, left / decay if decay else 1.0)
+            left = (total_steps - step % total_steps) / decay if decay else 1.0
+            return min(1.0, (step + 1) / cfg.warmup_steps, left)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.normalizer = LossNormalizer()
 

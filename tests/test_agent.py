@@ -179,3 +179,20 @@ def test_acting_costs_one_frame_per_step_and_real_env_evaluation_runs(agent, tin
     assert all(k.shape[2] == min(steps, cfg.dyn_seq_len) for k, _ in policy.cache.layers.values())   # window
     again = d4.evaluate_returns(cfg, d4.AgentPolicy(agent, tokenizer, cfg.seq_len, torch.device("cpu"), seed=0), 2, 3)
     assert np.array_equal(returns, again)
+
+
+def test_the_trained_policy_drives_every_car_of_the_multi_car_env_as_one_batch(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, env="MultiCarRacing-v0", max_episode_steps=16)
+    env = d4.make_env(cfg)
+    cars = env.observation_space.shape[0]
+    bins = d4.ActionBins(d4.stream_action_space(env.action_space, env.observation_space), cfg.action_bins)
+    env.close()
+    torch.manual_seed(0)
+    agent, tokenizer = d4.Agent(cfg, bins.bins).eval(), d4.Tokenizer(cfg).eval()
+    policy = d4.AgentPolicy(agent, tokenizer, cfg.seq_len, torch.device("cpu"), seed=0)
+    streams = next(d4.play_episodes(cfg, policy, episodes=1, seed=3))
+    assert cars > 1 and len(streams) == cars and policy.previous.shape[0] == cars
+    steps = len(streams[0]["frames"]) - 1
+    assert steps > 3 and policy.cache.frames == steps   # one cached frame per step, every car a row of the batch
+    actions = np.stack([np.stack(s["actions"][1:]) for s in streams])   # (cars, steps, dims)
+    assert not np.array_equal(actions[0], actions[1])   # each car acts on its own view
