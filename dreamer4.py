@@ -649,14 +649,14 @@ class Dynamics(nn.Module):
         """Context corruption (SPEC Sec. 3): past frames are seen as context_signal * z + (1 - context_signal) * noise."""
         return self.context_signal * latents + (1 - self.context_signal) * noise
 
-    @torch.no_grad()
     def observe(self, cache, latents, actions, noise, agent=False):
-        """Appends frames (B, T, N, Dl) and the actions that led to them (B, T, dims) to the cache as context,
-        corrupted with `noise`. Returns the agent token's output (B, T, D) if agent, else None."""
+        """Frames (B, T, N, Dl) and the actions that led to them (B, T, dims) seen as context: corrupted with
+        `noise` to the context signal level, at step d_min. Appends them to the cache (None: no cache, e.g. for
+        finetuning, which needs the gradient). Returns the agent token's output (B, T, D) if agent, else None."""
         b, t = latents.shape[:2]
         level = lambda value: torch.full((b, t), value, device=latents.device)  # noqa: E731
         out = self.predict(self.corrupt(latents, noise), level(self.context_signal), level(1 / self.max_steps),
-                           actions, cache, commit=True, agent=agent)
+                           actions, cache, commit=cache is not None, agent=agent)
         return out[1] if agent else None
 
     @torch.no_grad()
@@ -830,11 +830,7 @@ class Agent(nn.Module):
     def features(self, latents, actions):
         """Agent-token outputs (B, T, D) for clean latents seen as context (corrupted to the context signal level
         with step d_min), exactly as the agent sees frames when acting and imagining."""
-        b, t = latents.shape[:2]
-        level = lambda value: torch.full((b, t), value, device=latents.device)  # noqa: E731
-        noisy = self.dynamics.corrupt(latents, torch.randn_like(latents))
-        return self.dynamics.predict(noisy, level(self.dynamics.context_signal),
-                                     level(1 / self.dynamics.max_steps), actions, agent=True)[1].float()
+        return self.dynamics.observe(None, latents, actions, torch.randn_like(latents), agent=True).float()
 
     def finetune_loss(self, latents, actions, rewards, terminated):
         """Eq. 9 on windows: latents (B, T, N, Dl), actions (B, T, dims) (row t: a_{t-1}, -1 for none), rewards
