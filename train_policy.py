@@ -163,7 +163,8 @@ def main():
                            **metrics)
                 bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("bc", "reward", "policy", "imagined_return")
                                  if k in metrics})
-            if progress["step"] % cfg.eval_every == 0 and within >= cfg.finetune_steps:
+            last = within == per_iteration - 1   # every iteration's end gets an imagined video
+            if within >= cfg.finetune_steps and (progress["step"] % cfg.eval_every == 0 or last):
                 logger.video(progress["step"], imagined_video(tokenizer, batch, rollout, device),
                              name="policy_imagined")
             if progress["step"] % cfg.save_every == 0:
