@@ -118,6 +118,7 @@ def test_train_dynamics_trains_resumes_and_reports_rollouts_against_baselines(ti
     assert [r["step"] for r in evals] == [10, 20]
     for key in ("rollout", "copy", "shuffled", "recon"):
         assert len(evals[-1][f"{key}_psnr_h"]) == 3 and 0 < evals[-1][f"{key}_psnr"] < 60
+    assert len(evals[-1]["action_effect_h"]) == 3 and evals[-1]["action_effect"] > 0   # shuffled actions move dreams
     assert (run_dir / "latents_20_causal4.npy").exists() and (run_dir / "videos" / "dynamics_0000020.mp4").exists()
 
 
