@@ -541,7 +541,7 @@ def fourier_features(x, dim):
 
 
 class Dynamics(nn.Module):
-    def __init__(self, cfg, action_bins):
+    def __init__(self, cfg, action_bins, ordered=True):
         super().__init__()
         if cfg.num_latents % cfg.latent_tokens:
             raise ConfigError(f"--num-latents {cfg.num_latents} is not a multiple of --latent-tokens "
@@ -552,8 +552,17 @@ class Dynamics(nn.Module):
         self.bootstrap_fraction, self.single_frame_fraction = cfg.bootstrap_fraction, cfg.single_frame_fraction
         token_width = cfg.num_latents // cfg.latent_tokens * cfg.latent_dim
         embedding = lambda *shape: nn.Parameter(torch.randn(*shape) * 0.02)  # noqa: E731
-        # actions: one embedding table per action dimension, summed with a learned base; "no action" is learned
+        # actions: one embedding table per action dimension, summed with a learned base; "no action" is learned.
+        # Initialized at the scale of the other embeddings (nn.Embedding's N(0, 1) made every bin a large random
+        # vector that barely moved in training). With `ordered` (binned continuous dimensions) a bin starts as its
+        # value in [-1, 1] times a random direction plus noise, so that left and right steering start opposite and
+        # neighbouring bins alike (ours; the small preset's dreams then followed the steering's direction ~3x more,
+        # see README). Still a plain lookup table that training may reshape.
         self.action_tables = nn.ModuleList(nn.Embedding(n, dim) for n in action_bins)
+        with torch.no_grad():
+            for table in self.action_tables:
+                value = torch.linspace(-1, 1, table.num_embeddings)[:, None] if ordered else torch.zeros(1, 1)
+                table.weight.copy_(torch.randn_like(table.weight) * 0.02 + value * torch.randn(dim) * 0.02)
         self.action_base, self.no_action = embedding(dim), embedding(dim)
         self.action_space = embedding(cfg.action_tokens, dim)
         # shortcut token: signal level and step size embeddings, concatenated, then projected

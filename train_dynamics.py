@@ -75,7 +75,7 @@ def main():
     def sample(batch, length, split, rng):
         return d4.latent_batch(dataset, latents, action_bins, dataset.sample_index(batch, length, split, rng), device)
 
-    dynamics = d4.Dynamics(cfg, bins.bins).to(device)
+    dynamics = d4.Dynamics(cfg, bins.bins, ordered=bins.continuous).to(device)
     trainer = d4.Trainer(dynamics, cfg, device, total_steps=cfg.dynamics_steps)
     step = trainer.restore(state) if state else 0
 

@@ -43,6 +43,20 @@ def test_the_action_that_led_to_a_frame_changes_its_prediction(dynamics, tiny_cf
         assert (out[:, 2] - other[:, 2]).abs().amax() > 1e-4
 
 
+def test_action_embeddings_start_small_and_ordered_for_binned_continuous_actions(tiny_cfg):
+    for ordered in (True, False):
+        tables = d4.Dynamics(dataclasses.replace(tiny_cfg, dyn_dim=128), [33, 9], ordered=ordered).action_tables
+        for table in tables:
+            w = table.weight
+            assert w.std() < 0.05   # the scale of the other learned embeddings (0.02), not nn.Embedding's N(0, 1)
+            ends = torch.nn.functional.cosine_similarity(w[0] - w.mean(0), w[-1] - w.mean(0), dim=0)
+            if ordered:   # the end bins start opposite each other (expected cosine -0.5), neighbours closer
+                assert ends < -0.2, ends
+                assert (w[1:] - w[:-1]).norm(dim=1).mean() < 0.8 * (w[-1] - w[0]).norm()
+            else:         # unordered (Discrete): independent random vectors
+                assert abs(ends) < 0.5, ends
+
+
 def test_every_token_of_a_frame_attends_to_every_other(dynamics):
     assert dynamics.mask.all() and dynamics.mask.shape == (1 + 1 + 1 + 2,) * 2
 
