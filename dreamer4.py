@@ -556,12 +556,12 @@ class Dynamics(nn.Module):
         # Initialized at the scale of the other embeddings (nn.Embedding's N(0, 1) made every bin a large random
         # vector that barely moved in training). With `ordered` (binned continuous dimensions) a bin starts as its
         # value in [-1, 1] times a random direction plus noise, so that left and right steering start opposite and
-        # neighbouring bins alike (ours; the small preset's dreams then followed the steering's direction ~3x more,
+        # neighbouring bins alike (ours; the small preset's dreams then followed the steering's direction 2-6x more,
         # see README). Still a plain lookup table that training may reshape.
         self.action_tables = nn.ModuleList(nn.Embedding(n, dim) for n in action_bins)
         with torch.no_grad():
             for table in self.action_tables:
-                value = torch.linspace(-1, 1, table.num_embeddings)[:, None] if ordered else torch.zeros(1, 1)
+                value = torch.linspace(-1, 1, table.num_embeddings)[:, None] if ordered else 0.0
                 table.weight.copy_(torch.randn_like(table.weight) * 0.02 + value * torch.randn(dim) * 0.02)
         self.action_base, self.no_action = embedding(dim), embedding(dim)
         self.action_space = embedding(cfg.action_tokens, dim)
