@@ -2,7 +2,8 @@
 frames/s, peak memory (CUDA max allocated on a GPU, peak RSS on the CPU), model FLOPs per step (counted by
 torch's FlopCounterMode, attention included) and the achieved fraction of this machine's measured matmul rate:
 the tokenizer's step, and the dynamics step with and without activation checkpointing. Then generation frames/s
-with and without the KV cache at K = 1, 2, 4 shortcut steps, batch 1 and a large batch. Then the simulators: steps/s and frames/s of MultiCarRacing-v0 with N = 1, 2, 4 cars next to CarRacing-v3.
+with and without the KV cache at K = 1, 2, 4 shortcut steps, batch 1 and a large batch. Then the simulators: steps/s and frames/s of MultiCarRacing-v0 with N = 1, 2, 4 cars next to CarRacing-v3, and
+CarRacing-v3 as the stages see it (repeats, resets, resizing) with and without drawing only the returned frames.
 
     python bench.py --presets tiny small            # the CPU table in the README
     python bench.py --device cuda                   # every preset on the GPU
@@ -148,6 +149,28 @@ def env_speed(env_id, cars, steps):
     return rate
 
 
+def collection_speed(preset, skip_drawing, frames):
+    """Frames/s of CarRacing-v3 as the stages see it (d4.make_env: the preset's action repeat, resize and reset
+    no-ops; resets included, one env), drawing only the returned frames or every simulator step."""
+    cfg = d4.parse_config("mae", "", ["--preset", preset, "--wandb", "disabled"])
+    env = d4.make_env(cfg)
+    wrapper = env
+    while wrapper is not env.unwrapped:
+        if isinstance(wrapper, (d4.RepeatAction, d4.ResetNoops)):
+            wrapper.skip_drawing = skip_drawing
+        wrapper = wrapper.env
+    action = np.array([0.05, 0.3, 0.0], np.float32)
+    start = time.perf_counter()
+    env.reset(seed=0)
+    for i in range(frames):
+        _, _, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            env.reset(seed=i + 1)
+    rate = frames / (time.perf_counter() - start)
+    env.close()
+    return rate
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=list(d4.PRESETS), choices=list(d4.PRESETS),
@@ -190,6 +213,12 @@ def main():
             rate = env_speed(env_id, cars, args.env_steps)
             name = env_id + (f" N={cars}" if env_id.startswith("MultiCarRacing") else "")
             print(f"{name:28} {rate:9.1f} {rate * cars:9.1f}", flush=True)
+        print(f"\n{'CarRacing-v3 through make_env':32} {'frames/s, drawing returned frames':>34} {'every step':>11}")
+        for preset in args.presets:
+            cfg = d4.parse_config("mae", "", ["--preset", preset, "--wandb", "disabled"])
+            name = f"{preset} (repeat {cfg.action_repeat}, {cfg.image_size}x{cfg.image_size})"
+            rates = [collection_speed(preset, skip, args.env_steps) for skip in (True, False)]
+            print(f"{name:32} {rates[0]:34.1f} {rates[1]:11.1f}", flush=True)
 
 
 if __name__ == "__main__":

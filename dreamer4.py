@@ -953,35 +953,75 @@ class AgentPolicy:
 #    terminal / truncated.
 # ==================================================================================================================
 class ResetNoops(gym.Wrapper):
-    """Steps `count` no-op (all-zero) actions after reset, e.g. past CarRacing's zoom-in animation."""
+    """Steps `count` no-op (all-zero) actions after reset, e.g. past CarRacing's zoom-in animation; only the last
+    is drawn where the env allows (see draws_each_step)."""
 
     def __init__(self, env, count):
         super().__init__(env)
-        self.count = count
+        self.count, self.skip_drawing = count, draws_each_step(env)
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
         noop = np.zeros(self.action_space.shape, self.action_space.dtype)
-        for _ in range(self.count):
-            obs, _, _, _, info = self.env.step(noop)
+        for i in range(self.count):
+            draw = not self.skip_drawing or i == self.count - 1
+            obs, _, _, _, info = step_drawing(self.env, noop, draw)
         return obs, info
 
 
 class RepeatAction(gym.Wrapper):
-    """Repeats each action `repeat` times, summing the rewards, stopping early at an episode end."""
+    """Repeats each action `repeat` times, summing the rewards, stopping early at an episode end. Only the frame
+    it returns is drawn where the env allows (see draws_each_step)."""
 
     def __init__(self, env, repeat):
         super().__init__(env)
-        self.repeat = repeat
+        self.repeat, self.skip_drawing = repeat, draws_each_step(env)
 
     def step(self, action):
         total = 0.0
-        for _ in range(self.repeat):
-            obs, reward, terminated, truncated, info = self.env.step(action)
+        for i in range(self.repeat):
+            draw = not self.skip_drawing or i == self.repeat - 1
+            obs, reward, terminated, truncated, info = step_drawing(self.env, action, draw)
             total = total + reward
             if np.all(terminated) or truncated:
+                obs = obs if draw else redraw(self.env)
                 break
         return obs, total, terminated, truncated, info
+
+
+def draws_each_step(env):
+    """Whether env is gymnasium's CarRacing under wrappers that pass its frames on unchanged. Its step draws the
+    frame it returns, 97% of a step's time on a CPU, and action repeats and reset no-ops throw most frames away.
+    Drawing only reads the car and the track, so skipping the unused ones leaves every kept frame as it was
+    (tests/test_data.py compares both ways). Not in "human" render mode, which shows every frame."""
+    base = env.unwrapped
+    if type(base).__module__ != "gymnasium.envs.box2d.car_racing" or base.render_mode == "human":
+        return False
+    while env is not base:
+        if isinstance(env, gym.ObservationWrapper):
+            return False
+        env = env.env
+    return True
+
+
+def step_drawing(env, action, draw=True):
+    """env.step; with draw=False (only where draws_each_step) the frame is not drawn and the previous one is
+    returned in its place, until redraw(env)."""
+    if draw:
+        return env.step(action)
+    base = env.unwrapped
+    base._render = lambda mode: base.state.copy()   # an instance attribute hides the method for this one step
+    try:
+        return env.step(action)
+    finally:
+        del base._render
+
+
+def redraw(env):
+    """Draws the current frame of a CarRacing env that was stepped with draw=False; returns it."""
+    base = env.unwrapped
+    base.state = base._render("state_pixels")
+    return base.state
 
 
 class ResizeFrames(gym.ObservationWrapper):

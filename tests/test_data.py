@@ -1,4 +1,5 @@
 """Environments, action binning, collection and the episode dataset (SPEC Sec. 0, 3)."""
+import dataclasses
 import tracemalloc
 
 import gymnasium as gym
@@ -153,3 +154,38 @@ def test_every_frame_is_encoded_with_its_own_causal_window(tiny_cfg, tmp_path):
             expected = tokenizer.encode(d4.frames_to_tensor(context, torch.device("cpu")))[0, -1]
         assert torch.allclose(torch.from_numpy(latents[t]).float(), expected, atol=2e-3), t
     assert np.array_equal(d4.encode_dataset(tokenizer, dataset, 4, torch.device("cpu"), first_frame=3), latents[3:])
+
+
+def test_car_racing_draws_only_the_frames_it_returns_and_they_are_unchanged(tiny_cfg, monkeypatch):
+    from gymnasium.envs.box2d.car_racing import CarRacing
+
+    draws = []
+    render = CarRacing._render
+    monkeypatch.setattr(CarRacing, "_render", lambda self, mode: draws.append(mode) or render(self, mode))
+    # 4 no-ops, then 7 actions repeated 3 times; the time limit ends the 7th after 2 of its 3 steps
+    cfg = dataclasses.replace(tiny_cfg, zoom_skip=4, action_repeat=3, max_episode_steps=4 + 3 * 6 + 2)
+    actions = np.random.default_rng(0).uniform([-1, 0, 0], [1, 1, 0.2], (7, 3)).astype(np.float32)
+
+    def episode(skip):
+        env = d4.make_env(cfg)
+        chain = [env]
+        while chain[-1] is not env.unwrapped:
+            chain.append(chain[-1].env)
+        wrappers = [w for w in chain if isinstance(w, (d4.RepeatAction, d4.ResetNoops))]
+        assert len(wrappers) == 2 and all(w.skip_drawing for w in wrappers)
+        for w in wrappers:
+            w.skip_drawing = skip
+        draws.clear()
+        frames, rewards, ends = [env.reset(seed=5)[0]], [], []
+        for action in actions:
+            obs, reward, terminated, truncated, _ = env.step(action)
+            frames.append(obs), rewards.append(reward), ends.append(terminated or truncated)
+        env.close()
+        return np.stack(frames), np.array(rewards), ends, len(draws)
+
+    frames, rewards, ends, drawn = episode(skip=True)
+    all_frames, all_rewards, all_ends, all_drawn = episode(skip=False)
+    assert ends == all_ends == [False] * 6 + [True]
+    assert all_drawn == 1 + 4 + 3 * 6 + 2 and drawn == 1 + 1 + 7   # reset, last no-op, one per returned frame
+    assert np.array_equal(frames, all_frames) and np.array_equal(rewards, all_rewards)
+    assert len(np.unique(frames.reshape(8, -1), axis=0)) == 8   # the car moved: every frame differs
