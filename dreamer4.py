@@ -1010,7 +1010,12 @@ def step_drawing(env, action, draw=True):
     if draw:
         return env.step(action)
     base = env.unwrapped
-    base._render = lambda mode: base.state.copy()   # an instance attribute hides the method for this one step
+
+    def skip(mode):   # called where the step draws: keep the score the frame would show (see redraw)
+        base.undrawn_score = base.reward
+        return base.state.copy()
+
+    base._render = skip   # an instance attribute hides the method for this one step
     try:
         return env.step(action)
     finally:
@@ -1018,9 +1023,14 @@ def step_drawing(env, action, draw=True):
 
 
 def redraw(env):
-    """Draws the current frame of a CarRacing env that was stepped with draw=False; returns it."""
+    """Draws the frame that the last step, stepped with draw=False, skipped, and returns it. The step draws before
+    charging its time penalty to the score printed on the frame, so that score is put back while drawing."""
     base = env.unwrapped
-    base.state = base._render("state_pixels")
+    score, base.reward = base.reward, base.undrawn_score
+    try:
+        base.state = base._render("state_pixels")
+    finally:
+        base.reward = score
     return base.state
 
 

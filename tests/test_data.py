@@ -162,9 +162,10 @@ def test_car_racing_draws_only_the_frames_it_returns_and_they_are_unchanged(tiny
     draws = []
     render = CarRacing._render
     monkeypatch.setattr(CarRacing, "_render", lambda self, mode: draws.append(mode) or render(self, mode))
-    # 4 no-ops, then 7 actions repeated 3 times; the time limit ends the 7th after 2 of its 3 steps
-    cfg = dataclasses.replace(tiny_cfg, zoom_skip=4, action_repeat=3, max_episode_steps=4 + 3 * 6 + 2)
-    actions = np.random.default_rng(0).uniform([-1, 0, 0], [1, 1, 0.2], (7, 3)).astype(np.float32)
+    # 4 no-ops, then 8 actions repeated 3 times; the time limit ends the 8th after 2 of its 3 steps, where the
+    # score printed on the frame (rounded) changes with that step's time penalty
+    cfg = dataclasses.replace(tiny_cfg, zoom_skip=4, action_repeat=3, max_episode_steps=4 + 3 * 7 + 2)
+    actions = np.random.default_rng(0).uniform([-1, 0, 0], [1, 1, 0.2], (8, 3)).astype(np.float32)
 
     def episode(skip):
         env = d4.make_env(cfg)
@@ -185,7 +186,7 @@ def test_car_racing_draws_only_the_frames_it_returns_and_they_are_unchanged(tiny
 
     frames, rewards, ends, drawn = episode(skip=True)
     all_frames, all_rewards, all_ends, all_drawn = episode(skip=False)
-    assert ends == all_ends == [False] * 6 + [True]
-    assert all_drawn == 1 + 4 + 3 * 6 + 2 and drawn == 1 + 1 + 7   # reset, last no-op, one per returned frame
+    assert ends == all_ends == [False] * 7 + [True]
+    assert all_drawn == 1 + 4 + 3 * 7 + 2 and drawn == 1 + 1 + 8   # reset, last no-op, one per returned frame
     assert np.array_equal(frames, all_frames) and np.array_equal(rewards, all_rewards)
-    assert len(np.unique(frames.reshape(8, -1), axis=0)) == 8   # the car moved: every frame differs
+    assert len(np.unique(frames.reshape(9, -1), axis=0)) == 9   # the car moved: every frame differs
