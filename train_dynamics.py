@@ -87,12 +87,13 @@ def main():
                         np.random.default_rng(cfg.seed))
     eval_batch["frames"] = dataset.frames[eval_batch["index"]]   # only evaluation needs the real frames
     rng = np.random.default_rng([cfg.seed, step])
+    loss = d4.compiled(dynamics.loss, cfg)
     bar = tqdm(total=cfg.dynamics_steps, initial=step, desc="dynamics", unit="step")
     with d4.saved_on_exit(save, bar, logger):
         while step < cfg.dynamics_steps:
             batch = sample(cfg.batch_size, cfg.dyn_seq_len, "train", rng)
             bootstrap = step >= cfg.bootstrap_start * cfg.dynamics_steps
-            metrics = trainer.step(dynamics.loss, batch["latents"], batch["actions"], bootstrap)
+            metrics = trainer.step(loss, batch["latents"], batch["actions"], bootstrap)
             step += 1
             bar.update(1)
             if step % 50 == 0 or step == cfg.dynamics_steps:

@@ -61,11 +61,12 @@ def main():
     eval_batch = dataset.sample(cfg.eval_sequences, cfg.seq_len, "eval", np.random.default_rng(cfg.seed))
     eval_frames = d4.frames_to_tensor(eval_batch["frames"], device)
     rng = np.random.default_rng([cfg.seed, step])
+    loss = d4.compiled(tokenizer.loss, cfg)
     bar = tqdm(total=cfg.mae_steps, initial=step, desc="tokenizer", unit="step")
     with d4.saved_on_exit(save, bar, logger):
         while step < cfg.mae_steps:
             frames = d4.frames_to_tensor(dataset.sample(cfg.batch_size, cfg.seq_len, "train", rng)["frames"], device)
-            metrics = trainer.step(tokenizer.loss, frames)
+            metrics = trainer.step(loss, frames)
             step += 1
             bar.update(1)
             if step % 50 == 0 or step == cfg.mae_steps:

@@ -166,3 +166,25 @@ def test_dynamics_checkpoints_round_trip(dynamics, tmp_path):
     state = d4.load_checkpoint(tmp_path / "dynamics.pt")["model"]
     assert state.keys() == dynamics.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in dynamics.state_dict().items())
+
+
+def test_the_compiled_loss_and_its_gradients_equal_the_eager_ones(tiny_cfg, monkeypatch):
+    # torch.compile's tracing and autograd (what our code decides: graph breaks, branches, random draws), without
+    # inductor's code generation, which takes over two minutes on 2 CPU cores
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile(fn, backend="aot_eager", **kwargs))
+    torch.manual_seed(0)
+    dynamics = d4.Dynamics(tiny_cfg, BINS)
+    latents, _, _, actions = inputs(tiny_cfg, b=4, t=6)
+    assert d4.compiled(dynamics.loss, tiny_cfg) == dynamics.loss   # off unless asked for (the tiny preset)
+    compiled = d4.compiled(dynamics.loss, dataclasses.replace(tiny_cfg, compile=True))
+    results = []
+    for loss_fn in (dynamics.loss, compiled):
+        torch.manual_seed(1)
+        loss = loss_fn(latents, actions, bootstrap=True)["dynamics"]   # flow and bootstrap terms both present
+        grads = torch.autograd.grad(loss, list(dynamics.parameters()), allow_unused=True)
+        results.append((loss, grads))
+    (loss, grads), (compiled_loss, compiled_grads) = results
+    assert compiled_loss > 0 and torch.allclose(loss, compiled_loss, rtol=1e-4, atol=1e-6)
+    for g, h in zip(grads, compiled_grads):
+        assert (g is None) == (h is None) and (g is None or torch.allclose(g, h, rtol=1e-3, atol=1e-6))
