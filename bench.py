@@ -1,9 +1,11 @@
 """Speed and memory of the training steps, one row per preset, each measured in a fresh process:
 frames/s, peak memory (CUDA max allocated on a GPU, peak RSS on the CPU), model FLOPs per step (counted by
 torch's FlopCounterMode, attention included) and the achieved fraction of this machine's measured matmul rate:
-the tokenizer's step, and the dynamics step with and without activation checkpointing. Then generation frames/s
-with and without the KV cache at K = 1, 2, 4 shortcut steps, batch 1 and a large batch. Then the simulators: steps/s and frames/s of MultiCarRacing-v0 with N = 1, 2, 4 cars next to CarRacing-v3, and
-CarRacing-v3 as the stages see it (repeats, resets, resizing) with and without drawing only the returned frames.
+the tokenizer's step, and the dynamics step with and without activation checkpointing, each compiled where the
+preset compiles that stage (--compile / --no-compile to force). Then generation frames/s with and without the KV
+cache at K = 1, 2, 4 shortcut steps, batch 1 and a large batch. Then the simulators: steps/s and frames/s of
+MultiCarRacing-v0 with N = 1, 2, 4 cars next to CarRacing-v3, and CarRacing-v3 as the stages see it (repeats,
+resets, resizing) with and without drawing only the returned frames.
 
     python bench.py --presets tiny small            # the CPU table in the README
     python bench.py --device cuda                   # every preset on the GPU
@@ -56,11 +58,21 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def tokenizer_step(preset, device_name, steps, warmup, checkpointing):
-    """Times the tokenizer's training step (train_mae.py's step) on random frames of the preset's shape."""
-    argv = ["--preset", preset, "--device", device_name]
-    if checkpointing is not None:
-        argv.append("--checkpointing" if checkpointing else "--no-checkpointing")
+def flag(name, value):
+    """--name / --no-name, or nothing for None (the preset's value)."""
+    return [] if value is None else [f"--{name}" if value else f"--no-{name}"]
+
+
+def compile_flag(stage, value):
+    """--compile STAGE / --compile '' (none), or nothing for None (the preset's stages)."""
+    return [] if value is None else ["--compile", stage if value else ""]
+
+
+def tokenizer_step(preset, device_name, steps, warmup, checkpointing, compile):
+    """Times the tokenizer's training step (train_mae.py's step) on random frames of the preset's shape; with
+    --compile the warm-up steps compile it (FLOPs are counted on an eager step)."""
+    argv = ["--preset", preset, "--device", device_name] + flag("checkpointing", checkpointing) + \
+        compile_flag("mae", compile)
     cfg = d4.parse_config("mae", "", argv)
     device = d4.pick_device(cfg.device)
     torch.manual_seed(0)
@@ -69,19 +81,22 @@ def tokenizer_step(preset, device_name, steps, warmup, checkpointing):
     frames = torch.rand(cfg.batch_size, cfg.seq_len, 3, cfg.image_size, cfg.image_size, device=device)
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
         trainer.step(tokenizer.loss, frames)
-    seconds, peak = timed(lambda: trainer.step(tokenizer.loss, frames), device, steps, warmup)
+    loss = d4.compiled(tokenizer.loss, cfg, "mae")
+    seconds, peak = timed(lambda: trainer.step(loss, frames), device, steps, warmup)
     flops = counter.get_total_flops()
     return dict(row=f"tokenizer train ({preset})", device=str(device), checkpointing=cfg.checkpointing,
+                compile="mae" in cfg.compile.split(","),
                 frames=cfg.batch_size * cfg.seq_len, frames_per_s=cfg.batch_size * cfg.seq_len / seconds,
                 ms_per_step=1000 * seconds, peak_mib=peak / 2 ** 20, gflop_per_step=flops / 1e9,
                 achieved=flops / seconds / matmul_rate(device), params_m=sum(p.numel() for p in
                                                                              tokenizer.parameters()) / 1e6)
 
 
-def dynamics_step(preset, device_name, steps, warmup, checkpointing):
-    """Times the dynamics training step (shortcut forcing) on random latents of the preset's shape."""
-    cfg = d4.parse_config("dynamics", "", ["--preset", preset, "--device", device_name,
-                                            "--checkpointing" if checkpointing else "--no-checkpointing"])
+def dynamics_step(preset, device_name, steps, warmup, checkpointing, compile):
+    """Times the dynamics training step (shortcut forcing, bootstrap term on) on random latents of the preset's
+    shape; with --compile as the tokenizer's."""
+    cfg = d4.parse_config("dynamics", "", ["--preset", preset, "--device", device_name] +
+                          flag("checkpointing", checkpointing) + compile_flag("dynamics", compile))
     device = d4.pick_device(cfg.device)
     torch.manual_seed(0)
     dynamics = d4.Dynamics(cfg, [cfg.action_bins] * 3).to(device)
@@ -90,10 +105,12 @@ def dynamics_step(preset, device_name, steps, warmup, checkpointing):
     actions = torch.randint(0, cfg.action_bins, (cfg.batch_size, cfg.dyn_seq_len, 3), device=device)
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
         trainer.step(dynamics.loss, latents, actions)
-    seconds, peak = timed(lambda: trainer.step(dynamics.loss, latents, actions), device, steps, warmup)
+    loss = d4.compiled(dynamics.loss, cfg, "dynamics")
+    seconds, peak = timed(lambda: trainer.step(loss, latents, actions), device, steps, warmup)
     flops = counter.get_total_flops()
     frames = cfg.batch_size * cfg.dyn_seq_len
-    return dict(row=f"dynamics train ({preset})", device=str(device), checkpointing=checkpointing, frames=frames,
+    return dict(row=f"dynamics train ({preset})", device=str(device), checkpointing=checkpointing,
+                compile="dynamics" in cfg.compile.split(","), frames=frames,
                 frames_per_s=frames / seconds, ms_per_step=1000 * seconds, peak_mib=peak / 2 ** 20,
                 gflop_per_step=flops / 1e9, achieved=flops / seconds / matmul_rate(device),
                 params_m=sum(p.numel() for p in dynamics.parameters()) / 1e6)
@@ -180,22 +197,26 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="force activation checkpointing on or off (default: the preset's)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="force torch.compile of both training losses on or off (default: the preset's); the "
+                             "warm-up steps compile, so give at least 1")
     parser.add_argument("--env-steps", type=int, default=300, help="timed simulator steps per env row (0: none)")
     parser.add_argument("--generation-batch", type=int, default=32, help="the large batch of the generation rows")
     args = parser.parse_args()
     context = multiprocessing.get_context("spawn")   # a fresh process per row: its peak memory is its own
-    header = f"{'row':28} {'device':6} {'ckpt':>5} {'frames':>6} {'frames/s':>9} {'ms/step':>9} {'peak MiB':>9} " \
-             f"{'GFLOP/step':>10} {'of matmul':>9} {'params':>8}"
+    header = f"{'row':28} {'device':6} {'ckpt':>5} {'compiled':>8} {'frames':>6} {'frames/s':>9} {'ms/step':>9} " \
+             f"{'peak MiB':>9} {'GFLOP/step':>10} {'of matmul':>9} {'params':>8}"
     print(header)
     print("-" * len(header))
-    rows = [(tokenizer_step, (preset, args.device, args.steps, args.warmup, args.checkpointing))
+    rows = [(tokenizer_step, (preset, args.device, args.steps, args.warmup, args.checkpointing, args.compile))
             for preset in args.presets]
-    rows += [(dynamics_step, (preset, args.device, args.steps, args.warmup, checkpointing))
+    rows += [(dynamics_step, (preset, args.device, args.steps, args.warmup, checkpointing, args.compile))
              for preset in args.presets for checkpointing in (False, True)]
     for function, arguments in rows:
         with context.Pool(1) as pool:
             r = pool.apply(function, arguments)
-        print(f"{r['row']:28} {r['device']:6} {str(r['checkpointing']):>5} {r['frames']:6d} "
+        print(f"{r['row']:28} {r['device']:6} {str(r['checkpointing']):>5} {str(r['compile']):>8} "
+              f"{r['frames']:6d} "
               f"{r['frames_per_s']:9.1f} {r['ms_per_step']:9.1f} {r['peak_mib']:9.0f} {r['gflop_per_step']:10.2f} "
               f"{r['achieved']:9.1%} {r['params_m']:7.2f}M", flush=True)
     print(f"\n{'generation, 16-frame context, 64-frame rollout':48} {'K':>2} {'batch':>5} {'frames/s cached':>16} "

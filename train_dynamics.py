@@ -87,7 +87,7 @@ def main():
                         np.random.default_rng(cfg.seed))
     eval_batch["frames"] = dataset.frames[eval_batch["index"]]   # only evaluation needs the real frames
     rng = np.random.default_rng([cfg.seed, step])
-    loss = d4.compiled(dynamics.loss, cfg)
+    loss = d4.compiled(dynamics.loss, cfg, "dynamics")
     bar = tqdm(total=cfg.dynamics_steps, initial=step, desc="dynamics", unit="step")
     with d4.saved_on_exit(save, bar, logger):
         while step < cfg.dynamics_steps:

@@ -61,7 +61,7 @@ def main():
     eval_batch = dataset.sample(cfg.eval_sequences, cfg.seq_len, "eval", np.random.default_rng(cfg.seed))
     eval_frames = d4.frames_to_tensor(eval_batch["frames"], device)
     rng = np.random.default_rng([cfg.seed, step])
-    loss = d4.compiled(tokenizer.loss, cfg)
+    loss = d4.compiled(tokenizer.loss, cfg, "mae")
     bar = tqdm(total=cfg.mae_steps, initial=step, desc="tokenizer", unit="step")
     with d4.saved_on_exit(save, bar, logger):
         while step < cfg.mae_steps:

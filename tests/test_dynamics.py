@@ -176,8 +176,8 @@ def test_the_compiled_loss_and_its_gradients_equal_the_eager_ones(tiny_cfg, monk
     torch.manual_seed(0)
     dynamics = d4.Dynamics(tiny_cfg, BINS)
     latents, _, _, actions = inputs(tiny_cfg, b=4, t=6)
-    assert d4.compiled(dynamics.loss, tiny_cfg) == dynamics.loss   # off unless asked for (the tiny preset)
-    compiled = d4.compiled(dynamics.loss, dataclasses.replace(tiny_cfg, compile=True))
+    assert d4.compiled(dynamics.loss, tiny_cfg, "dynamics") == dynamics.loss   # off unless asked for
+    compiled = d4.compiled(dynamics.loss, dataclasses.replace(tiny_cfg, compile="mae,dynamics"), "dynamics")
     results = []
     for loss_fn in (dynamics.loss, compiled):
         torch.manual_seed(1)
