@@ -171,11 +171,9 @@ def collection_speed(preset, skip_drawing, frames):
     no-ops; resets included, one env), drawing only the returned frames or every simulator step."""
     cfg = d4.parse_config("mae", "", ["--preset", preset, "--wandb", "disabled"])
     env = d4.make_env(cfg)
-    wrapper = env
-    while wrapper is not env.unwrapped:
+    for wrapper in d4.wrapper_chain(env):
         if isinstance(wrapper, (d4.RepeatAction, d4.ResetNoops)):
             wrapper.skip_drawing = skip_drawing
-        wrapper = wrapper.env
     action = np.array([0.05, 0.3, 0.0], np.float32)
     start = time.perf_counter()
     env.reset(seed=0)

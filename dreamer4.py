@@ -1014,11 +1014,15 @@ def draws_each_step(env):
     base = env.unwrapped
     if type(base).__module__ != "gymnasium.envs.box2d.car_racing" or base.render_mode == "human":
         return False
-    while env is not base:
-        if isinstance(env, gym.ObservationWrapper):
-            return False
+    return not any(isinstance(wrapper, gym.ObservationWrapper) for wrapper in wrapper_chain(env))
+
+
+def wrapper_chain(env):
+    """env and every wrapper under it, outermost first, down to the unwrapped env."""
+    while env is not env.unwrapped:
+        yield env
         env = env.env
-    return True
+    yield env
 
 
 def step_drawing(env, action, draw=True):

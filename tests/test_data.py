@@ -169,10 +169,7 @@ def test_car_racing_draws_only_the_frames_it_returns_and_they_are_unchanged(tiny
 
     def episode(skip):
         env = d4.make_env(cfg)
-        chain = [env]
-        while chain[-1] is not env.unwrapped:
-            chain.append(chain[-1].env)
-        wrappers = [w for w in chain if isinstance(w, (d4.RepeatAction, d4.ResetNoops))]
+        wrappers = [w for w in d4.wrapper_chain(env) if isinstance(w, (d4.RepeatAction, d4.ResetNoops))]
         assert len(wrappers) == 2 and all(w.skip_drawing for w in wrappers)
         for w in wrappers:
             w.skip_drawing = skip
