@@ -85,7 +85,7 @@ def tokenizer_step(preset, device_name, steps, warmup, checkpointing, compile):
     seconds, peak = timed(lambda: trainer.step(loss, frames), device, steps, warmup)
     flops = counter.get_total_flops()
     return dict(row=f"tokenizer train ({preset})", device=str(device), checkpointing=cfg.checkpointing,
-                compile="mae" in cfg.compile.split(","),
+                compile=d4.compiles(cfg, "mae"),
                 frames=cfg.batch_size * cfg.seq_len, frames_per_s=cfg.batch_size * cfg.seq_len / seconds,
                 ms_per_step=1000 * seconds, peak_mib=peak / 2 ** 20, gflop_per_step=flops / 1e9,
                 achieved=flops / seconds / matmul_rate(device), params_m=sum(p.numel() for p in
@@ -110,7 +110,7 @@ def dynamics_step(preset, device_name, steps, warmup, checkpointing, compile):
     flops = counter.get_total_flops()
     frames = cfg.batch_size * cfg.dyn_seq_len
     return dict(row=f"dynamics train ({preset})", device=str(device), checkpointing=checkpointing,
-                compile="dynamics" in cfg.compile.split(","), frames=frames,
+                compile=d4.compiles(cfg, "dynamics"), frames=frames,
                 frames_per_s=frames / seconds, ms_per_step=1000 * seconds, peak_mib=peak / 2 ** 20,
                 gflop_per_step=flops / 1e9, achieved=flops / seconds / matmul_rate(device),
                 params_m=sum(p.numel() for p in dynamics.parameters()) / 1e6)

@@ -228,10 +228,15 @@ def pick_device(name):
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
+def compiles(cfg, stage):
+    """Whether --compile names this stage (mae or dynamics)."""
+    return stage in cfg.compile.split(",")
+
+
 def compiled(loss_fn, cfg, stage):
     """loss_fn through torch.compile if `stage` is in --compile. A training loss sees the same shapes every step,
     so it compiles once per code path, on its first steps."""
-    if stage not in cfg.compile.split(","):
+    if not compiles(cfg, stage):
         return loss_fn
     print(f"--compile {cfg.compile}: the first steps compile the loss (a minute or more on a CPU)", file=sys.stderr)
     return torch.compile(loss_fn)
