@@ -107,7 +107,8 @@ class Config:
                                       "output, and the small preset's dreams then responded to steering 2-4x less "
                                       "(measured on the small preset only)")
     single_frame_fraction: float = arg(0.3, "fraction of sequences trained as independent single frames")
-    context_signal: float = arg(0.9, "signal level of context frames in generation: 0.9 z + 0.1 noise")
+    context_signal: float = arg(58 / 64, "signal level tau of context frames in generation: tau z + (1 - tau) noise; "
+                                         "must lie on the training grid k / K_max")
     sampling_steps: int = arg(4, "shortcut steps per generated frame (K)")
     dyn_seq_len: int = arg(32, "frames per dynamics training sequence")
     eval_context: int = arg(8, "real context frames before an evaluation rollout")
@@ -127,7 +128,10 @@ class Config:
     pmpo_alpha: float = arg(0.5, "PMPO weight of the positive-advantage set (Eq. 11)")
     pmpo_beta: float = arg(0.3, "weight of the reverse KL to the frozen behaviour-cloned policy (Eq. 11)")
     policy_lr: float = arg(3e-4, "AdamW learning rate of the policy and value heads in imagination training")
-    eval_episodes: int = arg(10, "real-environment episodes (seeds seed, seed + 1, ...) per policy evaluation")
+    eval_episodes: int = arg(20, "seeded real-env episodes per policy in an evaluation, every policy on the same "
+                                 "tracks (the standard protocol: SPEC Sec. 6)")
+    eval_max_episode_steps: int = arg(0, "time limit of evaluation episodes in env steps; 0 keeps the env's own, "
+                                         "the standard protocol (other values are for quick tests only)")
     iterations: int = arg(0, "online loop (beyond the paper): after imagination training, this many rounds of "
                              "collecting episodes with the policy, finetuning on the grown dataset and imagination "
                              "training, each followed by an evaluation")
@@ -143,6 +147,8 @@ class Config:
                                "to 0 (ours: warm-up, constant, decay); 0 keeps it constant")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     grad_clip: float = arg(1.0, "gradient-norm clipping")
+    loss_floor: float = arg(0.1, "nats: the agent's likelihood terms (bc, reward, continuation) are divided by "
+                                 "max(running RMS, loss_floor), so a term that is nearly always ~0 is not scaled up")
     eval_every: int = arg(2000, "evaluate (held-out PSNR, video) every n steps")
     save_every: int = arg(1000, "write the checkpoint every n steps (and always at the end or on Ctrl-C)")
     eval_sequences: int = arg(64, "held-out sequences per evaluation")
@@ -155,9 +161,11 @@ PRESETS = {
                  mae_steps=20, eval_every=10, save_every=10, eval_sequences=4, dynamics_steps=20, dyn_dim=32,
                  dyn_heads=2, dyn_kv_heads=1, dyn_layers=2, latent_tokens=2, register_tokens=1, dyn_seq_len=6,
                  eval_context=2, eval_horizon=3, finetune_steps=10, imagination_steps=10, mtp_length=3,
-                 imagination_context=2, imagination_horizon=3, eval_episodes=2, iteration_episodes=1),
+                 imagination_context=2, imagination_horizon=3, eval_episodes=2, eval_max_episode_steps=40,
+                 iteration_episodes=1),
     "small": dict(image_size=64, action_repeat=4, collect_frames=8000, max_episode_steps=300, checkpointing=False,
-                  compile="mae", patch_size=8, dyn_time_every=2, cooldown=0.5, tok_dim=128, tok_heads=4,
+                  compile="mae", patch_size=8, dyn_time_every=2, cooldown=0.5, bootstrap_start=0.3, tok_dim=128,
+                  tok_heads=4,
                   tok_kv_heads=2, tok_enc_layers=4, tok_dec_layers=4, num_latents=16, latent_dim=16,
                   batch_size=16, seq_len=4, lr=1e-3, warmup_steps=100, mae_steps=1000, eval_every=1750,
                   save_every=250, eval_sequences=64, dynamics_steps=3500, dyn_dim=128, dyn_heads=4, dyn_kv_heads=2,
@@ -197,6 +205,11 @@ def parse_config(stage, description, argv=None):
     unknown = sorted(set(filter(None, cfg.compile.split(","))) - {"mae", "dynamics"})
     if unknown:
         raise ConfigError(f"--compile takes mae and/or dynamics, comma-separated, not {', '.join(unknown)}")
+    grid = cfg.context_signal * cfg.max_shortcut_steps
+    if abs(grid - round(grid)) > 1e-6 or not 0 < round(grid) < cfg.max_shortcut_steps:
+        raise ConfigError(f"--context-signal {cfg.context_signal:g} is not a signal level training produces: it must "
+                          f"be k / {cfg.max_shortcut_steps} (--max-shortcut-steps) with 0 < k < "
+                          f"{cfg.max_shortcut_steps}, e.g. {round(grid) / cfg.max_shortcut_steps:g}")
     return cfg
 
 
@@ -249,11 +262,14 @@ def autocast(device):
 
 class LossNormalizer(nn.Module):
     """Divides each loss term by a running estimate of its root mean square (EMA of loss^2), so that terms of
-    different scale share one optimizer (SPEC Sec. 0). The estimates are saved with the module's state_dict."""
+    different scale share one optimizer (SPEC Sec. 0). `floors` maps a term's name to the least it is divided by
+    (ours): a term that is nearly always ~0, like the continuation loss when terminations are rare, is otherwise
+    scaled up to unit size and jumps by orders of magnitude on the rare batch where it is not ~0. The estimates
+    are saved with the module's state_dict."""
 
-    def __init__(self, decay=0.95):
+    def __init__(self, decay=0.95, floors=None):
         super().__init__()
-        self.decay = decay
+        self.decay, self.floors = decay, dict(floors or {})
         self.mean_squares = {}
 
     def forward(self, losses):
@@ -262,7 +278,7 @@ class LossNormalizer(nn.Module):
             square = loss.detach().float() ** 2
             previous = self.mean_squares.get(name)
             self.mean_squares[name] = square if previous is None else self.decay * previous + (1 - self.decay) * square
-            total = total + loss / self.mean_squares[name].sqrt().clamp_min(1e-8)
+            total = total + loss / self.mean_squares[name].sqrt().clamp_min(self.floors.get(name, 1e-8))
         return total
 
     def get_extra_state(self):
@@ -340,9 +356,11 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(dim, dim, bias=False)
         self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
 
-    def forward(self, x, mask=None, causal=False, positions=None, past=None):
+    def forward(self, x, mask=None, causal=False, positions=None, past=None, beside=False):
         """Returns the output and this call's keys and values. `past` = (keys, values) of earlier positions
-        (KV cache) that a single new position attends to in full."""
+        (KV cache) that a single new position attends to in full. With beside=True, `past` holds the keys and
+        values of another pass over the same L positions instead, and position t attends to those of positions
+        before t and to its own new key (see Dynamics.bootstrap_target)."""
         n, length, dim = x.shape
         q = self.to_q(x).view(n, length, self.heads, self.head_dim).transpose(1, 2)              # (N, H, L, hd)
         k, v = self.to_kv(x).view(n, length, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (N, KV, L, hd)
@@ -351,7 +369,10 @@ class Attention(nn.Module):
             q, k = rope(q, positions), rope(k, positions)
         new = (k, v)
         if past is not None:
-            assert length == 1, "with a KV cache, add one frame at a time"
+            assert beside or length == 1, "with a KV cache, add one frame at a time"
+            if beside:   # (L, 2L): the other pass's keys strictly before t, then this pass's key at t
+                before = torch.ones(length, length, dtype=torch.bool, device=x.device).tril(-1)
+                mask = torch.cat([before, torch.eye(length, dtype=torch.bool, device=x.device)], dim=1)
             k, v, causal = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2), False
         if self.softcap > 0:
             out = softcapped_attention(q, k, v, mask, causal, self.softcap)
@@ -370,15 +391,16 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads, kv_heads, cfg.softcap)
         self.mlp = SwiGLU(dim, cfg.mlp_ratio)
 
-    def forward(self, x, space_mask, past=None, start=0):
+    def forward(self, x, space_mask, past=None, start=0, beside=False):
         """Returns the output and, for a time block, this call's keys and values (for a KV cache). `start` is the
-        time index of x's first frame (RoPE), i.e. the number of frames before it."""
+        time index of x's first frame (RoPE), i.e. the number of frames before it; `beside` see Attention."""
         b, t, s, d = x.shape                                                # (B, T, S, D)
         h = self.attn_norm(x)
         new = None
         if self.over_time:
             h = h.transpose(1, 2).reshape(b * s, t, d)                      # (B*S, T, D)
-            h, new = self.attn(h, causal=True, positions=torch.arange(start, start + t, device=x.device), past=past)
+            h, new = self.attn(h, causal=True, positions=torch.arange(start, start + t, device=x.device), past=past,
+                               beside=beside)
             h = h.view(b, s, t, d).transpose(1, 2)                          # (B, T, S, D)
         else:
             h = self.attn(h.reshape(b * t, s, d), mask=space_mask)[0].view(b, t, s, d)
@@ -398,16 +420,18 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(dim)
         self.checkpointing = cfg.checkpointing
 
-    def forward(self, x, space_mask, cache=None, commit=False):
+    def forward(self, x, space_mask, cache=None, commit=False, beside=False):
         """x (B, T, S, D) -> (B, T, S, D). With a KVCache, the time blocks attend to the cached frames too
-        (then T = 1 unless the cache is empty); commit=True appends this call's frames to the cache."""
-        start = cache.frames if cache is not None else 0
+        (then T = 1 unless the cache is empty); commit=True appends this call's frames to the cache. beside=True:
+        the cache holds a pass over these same T frames, and frame t attends to its frames before t and to itself
+        (see Dynamics.bootstrap_target)."""
+        start = cache.frames if cache is not None and not beside else 0
         for i, block in enumerate(self.blocks):
             past = cache.layers.get(i) if cache is not None else None
             if self.checkpointing and torch.is_grad_enabled():
-                x, new = checkpoint(block, x, space_mask, past, start, use_reentrant=False)
+                x, new = checkpoint(block, x, space_mask, past, start, beside, use_reentrant=False)
             else:
-                x, new = block(x, space_mask, past, start)
+                x, new = block(x, space_mask, past, start, beside)
             if commit and new is not None:
                 kv = new if past is None else tuple(torch.cat(p, dim=2) for p in zip(past, new))
                 cache.layers[i] = kv if cache.window is None else tuple(p[:, :, -cache.window:] for p in kv)
@@ -611,13 +635,15 @@ class Dynamics(nn.Module):
                                         enumerate(self.action_tables))
         return torch.where(present[..., None], summed, self.no_action)
 
-    def predict(self, noisy_latents, signal_level, step_size, actions, cache=None, commit=False, agent=False):
+    def predict(self, noisy_latents, signal_level, step_size, actions, cache=None, commit=False, agent=False,
+                beside=False):
         """The network (Eq. 6): noisy_latents (B, T, N_latent, D_latent), signal_level tau (B, T) in [0, 1],
         step_size d (B, T) in {1, 1/2, ..., 1/K_max}, actions (B, T, dims) bin indices (-1: none) ->
         predicted clean latents (B, T, N_latent, D_latent). With a KVCache, T = 1 frame after the cached ones.
         agent=True appends the agent token to every frame (SPEC Sec. 4) and also returns its output (B, T, D);
         no other token attends to it, so the latents are the same either way (a test checks). A cache must be
-        used with the same `agent` throughout."""
+        used with the same `agent` throughout. beside=True: the cache holds a pass over these same frames, which
+        each frame sees as its past (see bootstrap_target)."""
         b, t = noisy_latents.shape[:2]
         latents = self.latent_in(noisy_latents.reshape(b, t, self.latent_tokens, -1)) + self.latent_space
         step_index = torch.log2(1 / step_size).round().long()
@@ -628,7 +654,7 @@ class Dynamics(nn.Module):
                        self.registers.expand(b, t, -1, -1).to(latents.dtype), latents], dim=2)   # (B, T, S, D)
         if agent:
             x = torch.cat([x, self.agent_token.expand(b, t, 1, -1).to(x.dtype)], dim=2)
-        x = self.transformer(x, self.agent_mask if agent else self.mask, cache, commit)
+        x = self.transformer(x, self.agent_mask if agent else self.mask, cache, commit, beside)
         end = x.shape[2] - agent
         out = self.latent_out(x[:, :, end - self.latent_tokens:end]).reshape(b, t, self.num_latents, self.latent_dim)
         return (out, x[:, :, -1]) if agent else out
@@ -664,22 +690,34 @@ class Dynamics(nn.Module):
         signal_level, step_size = self.sample_levels(b, t, z1.device, bootstrap)
         tau, d = signal_level[..., None, None], step_size[..., None, None]
         noisy = (1 - tau) * torch.randn_like(z1) + tau * z1
-        prediction = self.predict(noisy, signal_level, step_size, actions).float()
         weight = 0.9 * signal_level + 0.1                                     # ramp w(tau)
-        flow = ((prediction - z1) ** 2).flatten(2).mean(-1)
         bootstrap = step_size > 1 / self.max_steps
         if not bootstrap.any():   # no target to compute: one forward pass
+            flow = ((self.predict(noisy, signal_level, step_size, actions).float() - z1) ** 2).flatten(2).mean(-1)
             return weight * flow, torch.zeros_like(flow)
-        with torch.no_grad():   # target from two half steps, no gradient through it
-            half = torch.where(bootstrap, step_size / 2, step_size)
-            first = (self.predict(noisy, signal_level, half, actions).float() - noisy) / (1 - tau)
-            midway = torch.where(bootstrap[..., None, None], noisy + first * d / 2, noisy)   # others unchanged
-            second_level = torch.where(bootstrap, signal_level + half, signal_level)
-            second = (self.predict(midway, second_level, half, actions).float() - midway) / (1 - tau - d / 2)
-            target_velocity = (first + second) / 2
+        context = KVCache()   # the keys and values every frame's prediction saw: the targets' context too
+        prediction = self.predict(noisy, signal_level, step_size, actions, context, commit=True).float()
+        flow = ((prediction - z1) ** 2).flatten(2).mean(-1)
+        target_velocity = self.bootstrap_target(noisy, signal_level, step_size, actions, context)
         velocity = (prediction - noisy) / (1 - tau)
         boot = ((1 - tau) ** 2 * (velocity - target_velocity) ** 2).flatten(2).mean(-1)
         return weight * flow * ~bootstrap, weight * boot * bootstrap
+
+    @torch.no_grad()
+    def bootstrap_target(self, noisy, signal_level, step_size, actions, context):
+        """The bootstrap target sg(b' + b'') / 2 of Eq. 7 for every frame (B, T, N, Dl), from two half steps
+        of size d/2. Frame t takes both half steps on its own, seeing the frames before it exactly as its
+        prediction did: through `context`, the KV cache of the prediction's pass (a test compares with one
+        pass per frame). Meaningful where d > d_min."""
+        tau, d = signal_level[..., None, None], step_size[..., None, None]
+        bootstrap = step_size > 1 / self.max_steps
+        half = torch.where(bootstrap, step_size / 2, step_size)   # d_min frames keep a valid label
+        first = (self.predict(noisy, signal_level, half, actions, context, beside=True).float() - noisy) / (1 - tau)
+        midway = torch.where(bootstrap[..., None, None], noisy + first * d / 2, noisy)
+        second_level = torch.where(bootstrap, signal_level + half, signal_level)
+        second = (self.predict(midway, second_level, half, actions, context, beside=True).float()
+                  - midway) / (1 - tau - d / 2)
+        return (first + second) / 2
 
     def corrupt(self, latents, noise):
         """Context corruption (SPEC Sec. 3): past frames are seen as context_signal * z + (1 - context_signal) * noise."""
@@ -860,7 +898,7 @@ class Agent(nn.Module):
     def __init__(self, cfg, action_bins):
         super().__init__()
         self.dynamics, self.heads = Dynamics(cfg, action_bins), AgentHeads(cfg, action_bins)
-        self.window = cfg.dyn_seq_len   # never attend further back than the training sequences
+        self.window = cfg.dyn_seq_len - 1   # past frames kept: a new frame sees dyn_seq_len frames, as in training
         self.discount, self.lam, self.alpha, self.beta = cfg.discount, cfg.return_lambda, cfg.pmpo_alpha, cfg.pmpo_beta
 
     def features(self, latents, actions):
@@ -895,23 +933,36 @@ class Agent(nn.Module):
         """Rollouts inside the world model from real context windows, latents (B, C, N, Dl) and actions
         (B, C, dims): the policy samples a_t from the agent token of frame t, the dynamics generate z_{t+1} with
         `steps` shortcut steps into block t+1 = (a_t, z_{t+1}), whose heads give r_{t+1} and c_{t+1}; KV cache
-        throughout. Returns features (B, H + 1, D) of frames 0..H (0 = the last context frame), actions (B, H,
-        dims), rewards and continues (B, H) of frames 1..H, latents (B, H, N, Dl)."""
-        b, c = latents.shape[:2]
-        noise = lambda n: torch.randn(b, n, *latents.shape[2:], device=latents.device, generator=generator)  # noqa
-        cache = KVCache(self.window)
-        features = [self.dynamics.observe(cache, latents, actions, noise(c), agent=True)[:, -1].float()]
-        chosen, frames = [], []
-        for _ in range(horizon):
-            action = sample_actions(self.heads.policy_logits(features[-1], distance=0), generator)[:, None]
-            z = self.dynamics.denoise(cache, action, noise(1), steps, agent=True)
-            features.append(self.dynamics.observe(cache, z, action, noise(1), agent=True)[:, 0].float())
-            chosen.append(action[:, 0])
-            frames.append(z)
-        features = torch.stack(features, dim=1)
-        return dict(features=features, actions=torch.stack(chosen, dim=1), latents=torch.cat(frames, dim=1),
-                    rewards=self.heads.predicted_reward(features[:, 1:]),
-                    continues=self.heads.predicted_continue(features[:, 1:]))
+        throughout, in bf16 autocast on CUDA as when finetuning and acting. Returns features (B, H + 1, D) of
+        frames 0..H (0 = the last context frame), actions (B, H, dims), rewards and continues (B, H) of frames
+        1..H, latents (B, H, N, Dl)."""
+        with autocast(latents.device):
+            b, c = latents.shape[:2]
+            noise = lambda n: torch.randn(b, n, *latents.shape[2:], device=latents.device, generator=generator)  # noqa
+            cache = KVCache(self.window)
+            features = [self.dynamics.observe(cache, latents, actions, noise(c), agent=True)[:, -1].float()]
+            chosen, frames = [], []
+            for _ in range(horizon):
+                action = sample_actions(self.heads.policy_logits(features[-1], distance=0), generator)[:, None]
+                z = self.dynamics.denoise(cache, action, noise(1), steps, agent=True)
+                features.append(self.dynamics.observe(cache, z, action, noise(1), agent=True)[:, 0].float())
+                chosen.append(action[:, 0])
+                frames.append(z)
+            features = torch.stack(features, dim=1)
+            return dict(features=features, actions=torch.stack(chosen, dim=1), latents=torch.cat(frames, dim=1),
+                        rewards=self.heads.predicted_reward(features[:, 1:]),
+                        continues=self.heads.predicted_continue(features[:, 1:]))
+
+    def finetune_trainer(self, cfg, device):
+        """The finetuning optimizer of the whole agent (Eq. 9), its likelihood terms' RMS floored at loss_floor."""
+        return Trainer(self, cfg, device, total_steps=cfg.finetune_steps,
+                       loss_floors={name: cfg.loss_floor for name in ("bc", "reward", "continuation")})
+
+    def imagination_trainer(self, cfg, device):
+        """The optimizer of imagination training: the policy and value heads only, at a constant policy_lr (no
+        warm-up, no decay)."""
+        return Trainer(nn.ModuleList([self.heads.policy, self.heads.value]),
+                       dataclasses.replace(cfg, lr=cfg.policy_lr, warmup_steps=1, cooldown=0.0), device)
 
     def imagination_loss(self, rollout):
         """Value loss (two-hot cross-entropy to sg(R_t)) and PMPO (Eq. 11) on an imagined rollout; the features
@@ -935,14 +986,15 @@ class Agent(nn.Module):
 class AgentPolicy:
     """Acts in a real env (SPEC Sec. 4): each step the tokenizer encodes the newest frame (with the frames before
     it in its training window as context), the dynamics adds it with the previous action to a KV cache (one
-    frame of compute) and the policy head samples from the frame's agent token. For evaluate_returns:
-    reset(N), then uint8 frames (N, H, W, 3) -> bin indices (N, dims). prior=True acts with the frozen BC policy;
-    with an explorer (e.g. RandomExplorer), each stream acts with it instead with probability explore_prob."""
+    frame of compute) and the policy head samples from the frame's agent token (greedy: takes each dimension's most
+    likely bin). For play_episodes: reset(N), then uint8 frames (N, H, W, 3) -> bin indices (N, dims). prior=True
+    acts with the frozen BC policy; with an explorer (e.g. RandomExplorer), each stream acts with it instead with
+    probability explore_prob."""
 
     def __init__(self, agent, tokenizer, tokenizer_window, device, prior=False, seed=0, explorer=None,
-                 explore_prob=0.0):
+                 explore_prob=0.0, greedy=False):
         self.agent, self.tokenizer, self.window, self.device = agent, tokenizer, tokenizer_window, device
-        self.prior, self.explorer, self.explore_prob = prior, explorer, explore_prob
+        self.prior, self.explorer, self.explore_prob, self.greedy = prior, explorer, explore_prob, greedy
         self.generator = torch.Generator(device).manual_seed(seed)
         self.rng = np.random.default_rng(seed)
 
@@ -960,7 +1012,10 @@ class AgentPolicy:
             noise = torch.randn(z.shape, device=self.device, generator=self.generator)
             features = self.agent.dynamics.observe(self.cache, z, self.previous, noise, agent=True)[:, 0]
         logits = self.agent.heads.policy_logits(features, prior=self.prior, distance=0)
-        action = sample_actions(logits, self.generator).cpu().numpy()
+        if self.greedy:
+            action = torch.stack([l.argmax(-1) for l in logits], dim=-1).cpu().numpy()
+        else:
+            action = sample_actions(logits, self.generator).cpu().numpy()
         if self.explorer is not None:
             explored = self.explorer(frames)   # keeps its own action holding going
             action = np.where(self.rng.random((len(action), 1)) < self.explore_prob, explored, action)
@@ -976,7 +1031,8 @@ class AgentPolicy:
 # ==================================================================================================================
 class ResetNoops(gym.Wrapper):
     """Steps `count` no-op (all-zero) actions after reset, e.g. past CarRacing's zoom-in animation; only the last
-    is drawn where the env allows (see draws_each_step)."""
+    is drawn where the env allows (see draws_each_step). They are steps of the env's episode: they count toward its
+    time limit, and their summed reward is info["reset_reward"] (part of the episode's return)."""
 
     def __init__(self, env, count):
         super().__init__(env)
@@ -985,10 +1041,12 @@ class ResetNoops(gym.Wrapper):
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
         noop = np.zeros(self.action_space.shape, self.action_space.dtype)
+        total = 0.0
         for i in range(self.count):
             draw = not self.skip_drawing or i == self.count - 1
-            obs, _, _, _, info = step_drawing(self.env, noop, draw)
-        return obs, info
+            obs, reward, _, _, info = step_drawing(self.env, noop, draw)
+            total = total + reward
+        return obs, {**info, "reset_reward": total}
 
 
 class RepeatAction(gym.Wrapper):
@@ -1166,6 +1224,13 @@ class ActionBins:
         return actions.reshape(len(actions), *self.space.shape).astype(self.space.dtype)
 
 
+def env_action_bins(cfg):
+    """The ActionBins of one agent of cfg's env."""
+    env = make_env(cfg)
+    env.close()
+    return ActionBins(stream_action_space(env.action_space, env.observation_space), cfg.action_bins)
+
+
 class RandomExplorer:
     """Exploration for collection (ours): per stream, uniform random bins per action dimension, each action held
     for a uniform 1..max_hold steps, which moves the agent further than independent per-step noise. `rest[i]` is
@@ -1205,50 +1270,122 @@ def explore_rest(cfg, dims):
     return rest
 
 
-def play_episodes(cfg, policy, episodes, seed):
-    """Plays `episodes` episodes with env seeds seed, seed + 1, ...; the same policy acts for every agent of a
-    multi-agent env. `policy.reset(N)` at each episode start, then `policy(frames)` with frames uint8
-    (N, H, W, 3) returns bin indices (N, dims). Yields each episode as a list with one dict per agent in the
-    stored format (frames, actions, rewards, terminated, truncated); an agent's stream ends at its termination."""
-    env = make_env(cfg)
-    multi = len(env.observation_space.shape) == 4
-    bins = ActionBins(stream_action_space(env.action_space, env.observation_space), cfg.action_bins)
+def play_episodes(cfg, policy, episodes, seed, parallel=32, render_mode=None):
+    """Plays `episodes` episodes with env seeds seed, seed + 1, ..., up to `parallel` side by side; the policy acts
+    for every stream of a batch (each agent of each env) in one call: `policy.reset(N)` at a batch's start, then
+    `policy(frames)` with frames uint8 (N, H, W, 3) returns bin indices (N, dims). Yields each episode as a list
+    with one dict per agent in the stored format (frames, actions, rewards, terminated, truncated) plus
+    `reset_reward`, the reward of the reset no-ops (ResetNoops), which is part of the env's return but not of the
+    stored data. An agent's stream ends at its termination, an episode at the env's end."""
+    envs = [make_env(cfg, render_mode) for _ in range(max(1, min(parallel, episodes)))]
+    space = envs[0].action_space
+    multi = len(envs[0].observation_space.shape) == 4
+    bins = ActionBins(stream_action_space(space, envs[0].observation_space), cfg.action_bins)
     try:
-        for episode in range(episodes):
-            obs, _ = env.reset(seed=seed + episode)
-            frames = obs if multi else obs[None]
+        for first in range(0, episodes, len(envs)):
+            batch = envs[:episodes - first]
+            streams, frames = [], []
+            for e, env in enumerate(batch):
+                obs, info = env.reset(seed=seed + first + e)
+                views = obs if multi else obs[None]
+                reset_rewards = np.broadcast_to(info.get("reset_reward", 0.0), len(views))
+                streams += [dict(frames=[frame], actions=[np.zeros(bins.dims, np.float32)], rewards=[0.0],
+                                 terminated=[False], truncated=[False], reset_reward=float(r))
+                            for frame, r in zip(views, reset_rewards)]
+                frames.append(views)
+            frames = np.concatenate(frames)   # (N, H, W, 3), N = envs x agents
+            per_env = len(frames) // len(batch)
             policy.reset(len(frames))
-            streams = [dict(frames=[frame], actions=[np.zeros(bins.dims, np.float32)], rewards=[0.0],
-                            terminated=[False], truncated=[False]) for frame in frames]
-            alive, done = np.ones(len(frames), bool), False
-            while not done:
+            alive, running = np.ones(len(frames), bool), np.ones(len(batch), bool)
+            while running.any():
                 actions = bins.from_bins(policy(frames))
-                obs, reward, terminated, truncated, info = env.step(
-                    actions.reshape(env.action_space.shape) if multi else bins.to_env(actions)[0])
-                frames = obs if multi else obs[None]
-                rewards, ended = (info["stream_reward"], info["stream_terminated"]) if multi else ([reward], [terminated])
-                for i in np.flatnonzero(alive):
-                    row = (frames[i], actions[i], float(rewards[i]), bool(ended[i]), bool(truncated))
-                    for key, value in zip(streams[i], row):
-                        streams[i][key].append(value)
-                alive &= ~np.asarray(ended, bool)
-                done = terminated or truncated
+                for e in np.flatnonzero(running):
+                    rows = slice(e * per_env, (e + 1) * per_env)
+                    obs, reward, terminated, truncated, info = batch[e].step(
+                        actions[rows].reshape(space.shape) if multi else bins.to_env(actions[rows])[0])
+                    frames[rows] = obs if multi else obs[None]
+                    rewards, ended = ((info["stream_reward"], info["stream_terminated"]) if multi
+                                      else ([reward], [terminated]))
+                    for j, i in enumerate(range(rows.start, rows.stop)):
+                        if alive[i]:
+                            row = (frames[i].copy(), actions[i], float(rewards[j]), bool(ended[j]), bool(truncated))
+                            for key, value in zip(("frames", "actions", "rewards", "terminated", "truncated"), row):
+                                streams[i][key].append(value)
+                    alive[rows] &= ~np.asarray(ended, bool)
+                    running[e] = not (terminated or truncated)
             for stream in streams:
                 stream["truncated"][-1] = not stream["terminated"][-1]   # the env's time limit, or ours
-            yield streams
+            for e in range(len(batch)):
+                yield streams[e * per_env:(e + 1) * per_env]
     finally:
-        env.close()
+        for env in envs:
+            env.close()
+
+
+def episode_return(stream):
+    """The env's return of one agent's episode: every reward, the reset no-ops' included."""
+    return stream["reset_reward"] + float(np.sum(stream["rewards"]))
 
 
 def evaluate_returns(cfg, policy, episodes, seed):
     """Each agent's return in `episodes` seeded episodes (see play_episodes), shape (episodes, N)."""
-    return np.array([[sum(stream["rewards"]) for stream in streams]
+    return np.array([[episode_return(stream) for stream in streams]
                      for streams in play_episodes(cfg, policy, episodes, seed)])
 
 
-def returns_summary(returns):
-    """(episodes, N) returns -> mean and std over every agent's episodes, and each agent's mean."""
-    return dict(mean=float(returns.mean()), std=float(returns.std()), per_agent=returns.mean(0).tolist())
+EVAL_SEED = 10_000   # evaluation tracks are seeds seed + EVAL_SEED, ...: apart from those of the training data
+
+
+def evaluation_policies(names, agent, tokenizer, bins, cfg, device, seed, greedy=False):
+    """name -> policy: eval (the imagination-trained policy), bc (its frozen behaviour-cloned prior), random (the
+    random explorer that collected the data), uniform (uniform over the action bins, drawn anew every step)."""
+    make = dict(eval=lambda: AgentPolicy(agent, tokenizer, tokenizer.window, device, seed=seed, greedy=greedy),
+                bc=lambda: AgentPolicy(agent, tokenizer, tokenizer.window, device, True, seed, greedy=greedy),
+                random=lambda: RandomExplorer(bins, np.random.default_rng(seed), rest=explore_rest(cfg, bins.dims)),
+                uniform=lambda: RandomExplorer(bins, np.random.default_rng(seed), max_hold=1))
+    return {name: make[name]() for name in names}
+
+
+def evaluate_policies(cfg, policies, episodes, seed, render_mode=None):
+    """The standard protocol (SPEC Sec. 6): each policy plays the same `episodes` seeded episodes under the env's
+    own time limit (unless cfg.eval_max_episode_steps), every reward counted, the reset no-ops included. Returns
+    name -> per-episode returns (episodes,) (a multi-agent env's: the mean over its agents), and name -> the first
+    episode's frames (T, H, W, 3) of its first agent."""
+    from tqdm import tqdm
+
+    cfg = dataclasses.replace(cfg, max_episode_steps=cfg.eval_max_episode_steps)
+    returns, first = {}, {}
+    with tqdm(total=episodes * len(policies), desc="evaluate", unit="episode", leave=False) as bar:
+        for name, policy in policies.items():
+            played = []
+            for streams in play_episodes(cfg, policy, episodes, seed, 1 if render_mode == "human" else 32,
+                                         render_mode):
+                played.append(np.mean([episode_return(stream) for stream in streams]))
+                first.setdefault(name, np.stack(streams[0]["frames"]))
+                bar.update(1)
+            returns[name] = np.array(played)
+    return returns, first
+
+
+def mean_and_se(values):
+    """Mean and its standard error (sample std / sqrt(n); 0 for one value) of a 1-D array."""
+    values = np.asarray(values, np.float64)
+    se = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return float(values.mean()), float(se)
+
+
+def evaluation_summary(returns):
+    """returns: policy name -> per-episode returns (episodes,) on the same seeds, "eval" the trained policy. ->
+    {"episodes", "<name>_return", "<name>_return_se"} and, paired on the same tracks, "trained_minus_<name>" with
+    "trained_minus_<name>_se" (mean and standard error of the per-episode differences) for every other name."""
+    summary = {"episodes": len(next(iter(returns.values())))}
+    for name, values in returns.items():
+        summary[f"{name}_return"], summary[f"{name}_return_se"] = mean_and_se(values)
+    for name, values in returns.items():
+        if "eval" in returns and name != "eval":
+            difference = np.asarray(returns["eval"]) - np.asarray(values)
+            summary[f"trained_minus_{name}"], summary[f"trained_minus_{name}_se"] = mean_and_se(difference)
+    return summary
 
 
 def episode_files(data_dir):
@@ -1256,8 +1393,8 @@ def episode_files(data_dir):
 
 
 def save_episode(path, episode):
-    """Writes one episode (dict of per-frame lists) as a compressed .npz, atomically."""
-    arrays = {key: np.asarray(value) for key, value in episode.items()}
+    """Writes one episode (dict of per-frame lists; other keys are not stored) as a compressed .npz, atomically."""
+    arrays = {key: np.asarray(episode[key]) for key in ("frames", "actions", "rewards", "terminated", "truncated")}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
@@ -1455,9 +1592,7 @@ def world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device):
         latents = np.concatenate([latents, new])
         np.save(str(path) + ".tmp.npy", latents)
         Path(str(path) + ".tmp.npy").replace(path)
-    env = make_env(cfg)
-    bins = ActionBins(stream_action_space(env.action_space, env.observation_space), cfg.action_bins)
-    env.close()
+    bins = env_action_bins(cfg)
     return dataset, latents, bins, np.where(dataset.first[:, None], -1, bins.to_bins(dataset.actions))
 
 
@@ -1514,9 +1649,10 @@ def saved_on_exit(save, bar, logger):
 class Trainer:
     """One module's AdamW (linear warm-up, constant, then a linear decay to 0 over the last `cfg.cooldown` of
     every `total_steps` steps: the online loop's iterations repeat the decay), loss normalizer and gradient
-    clipping; `step` is one training step on the loss terms that `loss_fn` returns (bf16 autocast on CUDA)."""
+    clipping (`loss_floors`, see LossNormalizer); `step` is one training step on the loss terms that `loss_fn`
+    returns (bf16 autocast on CUDA)."""
 
-    def __init__(self, module, cfg, device, total_steps=None):
+    def __init__(self, module, cfg, device, total_steps=None, loss_floors=None):
         self.module, self.device, self.grad_clip = module, device, cfg.grad_clip
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         decay = cfg.cooldown * total_steps if total_steps and cfg.cooldown > 0 else 0
@@ -1525,7 +1661,7 @@ class Trainer:
             left = (total_steps - step % total_steps) / decay if decay else 1.0
             return min(1.0, (step + 1) / cfg.warmup_steps, left)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self.normalizer = LossNormalizer()
+        self.normalizer = LossNormalizer(floors=loss_floors)
 
     def step(self, loss_fn, *args):
         with autocast(self.device):

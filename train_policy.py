@@ -5,8 +5,10 @@ policy and value heads inside the world model with PMPO (Eq. 10-11), and plays t
 
 Reads tokenizer.pt, dynamics.pt and data/ from --run-dir; writes agent.pt, metrics.jsonl and videos/
 (policy_real_*.mp4: a real episode of the trained policy; policy_imagined_*.mp4: imagined rollouts with their
-predicted rewards). The evaluation plays --eval-episodes seeded episodes each with the random explorer (the data's
-policy), the behaviour-cloned policy and the imagination-trained one. With --iterations N it then alternates:
+predicted rewards). The evaluation plays --eval-episodes seeded episodes on the standard protocol (the env's own
+time limit, every reward; the same code as evaluate.py) with the imagination-trained policy and, once, on the same
+tracks, with the random explorer (the data's policy) and the behaviour-cloned prior; it logs each mean with its
+standard error and the paired differences. With --iterations N it then alternates:
 collect --iteration-episodes episodes with the policy into data/, finetune on the grown dataset, imagination
 training, evaluation.
 """
@@ -15,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 import dreamer4 as d4
@@ -25,7 +26,7 @@ WORLD_FIELDS = ("env", "image_size", "action_repeat", "zoom_skip", "action_bins"
                 "explore_rest", "holdout_every", "num_latents", "latent_dim", "time_every", "dyn_time_every", "mlp_ratio", "softcap",
                 "dyn_dim", "dyn_heads", "dyn_kv_heads", "dyn_layers", "latent_tokens", "action_tokens",
                 "register_tokens", "max_shortcut_steps", "context_signal", "dyn_seq_len")
-EVAL_SEED, COLLECT_SEED = 10_000, 50_000   # offsets that keep evaluation tracks apart from training tracks
+COLLECT_SEED = 50_000   # online collection's tracks: apart from the evaluation's (d4.EVAL_SEED) and the random data's
 
 
 def imagined_video(tokenizer, batch, rollout, device, clips=4):
@@ -59,9 +60,7 @@ def main():
 
     agent = d4.Agent(cfg, bins.bins).to(device)
     agent.dynamics.load_state_dict(dynamics_state["model"])
-    finetuner = d4.Trainer(agent, cfg, device, total_steps=cfg.finetune_steps)
-    imaginer = d4.Trainer(nn.ModuleList([agent.heads.policy, agent.heads.value]),
-                          dataclasses.replace(cfg, lr=cfg.policy_lr), device)   # constant: the policy must move
+    finetuner, imaginer = agent.finetune_trainer(cfg, device), agent.imagination_trainer(cfg, device)
     progress = dict(step=0, evaluated=[], collected=0, collect_start=None)   # step counts finetuning + imagination steps
     if state:
         agent.load_state_dict(state["model"])
@@ -80,26 +79,22 @@ def main():
         return d4.latent_batch(dataset, latents, action_bins, dataset.sample_index(batch, length, "train", rng),
                                device)
 
-    def random_policy(seed):   # the explorer that collected the data
-        return d4.RandomExplorer(bins, np.random.default_rng(seed), rest=d4.explore_rest(cfg, bins.dims))
-
-    def policy(prior=False, explore=0.0, seed=0):
-        return d4.AgentPolicy(agent, tokenizer, tokenizer.window, device, prior, seed, random_policy(seed), explore)
-
     def evaluate(iteration, step):
+        """The standard protocol; the baselines play once, their returns kept for the paired differences."""
         agent.eval()
-        seed = cfg.seed + EVAL_SEED
-        if iteration == 0:   # the baselines, on the same seeded tracks
-            for name, baseline in (("random", random_policy(seed)), ("bc", policy(prior=True, seed=seed))):
-                summary = d4.returns_summary(d4.evaluate_returns(cfg, baseline, cfg.eval_episodes, seed))
-                logger.log(step, **{f"{name}_return": summary["mean"], f"{name}_return_std": summary["std"]})
-                bar.write(f"{name} policy: return {summary['mean']:.1f} +- {summary['std']:.1f}")
-        episodes = list(d4.play_episodes(cfg, policy(seed=seed), cfg.eval_episodes, seed))
-        summary = d4.returns_summary(np.array([[sum(s["rewards"]) for s in streams] for streams in episodes]))
-        logger.log(step, iteration=iteration, eval_return=summary["mean"], eval_return_std=summary["std"])
-        video = logger.video(step, [np.stack(episodes[0][0]["frames"])], name="policy_real")
-        bar.write(f"iteration {iteration}: trained policy return {summary['mean']:.1f} +- {summary['std']:.1f}; "
-                  f"{video}")
+        seed = cfg.seed + d4.EVAL_SEED
+        names = ["eval"] + ([] if progress.get("baselines") else ["random", "bc"])
+        returns, first = d4.evaluate_policies(cfg, d4.evaluation_policies(names, agent, tokenizer, bins, cfg, device,
+                                                                          seed), cfg.eval_episodes, seed)
+        if "baselines" not in progress:
+            progress["baselines"] = {name: returns[name].tolist() for name in ("random", "bc")}
+        summary = d4.evaluation_summary({"eval": returns["eval"], **progress["baselines"]})
+        logger.log(step, iteration=iteration, **summary)
+        video = logger.video(step, [first["eval"]], name="policy_real")
+        bar.write(f"iteration {iteration}: return over {cfg.eval_episodes} episodes, trained "
+                  f"{summary['eval_return']:.1f} +- {summary['eval_return_se']:.1f}, BC prior {summary['bc_return']:.1f}"
+                  f" +- {summary['bc_return_se']:.1f}, random explorer {summary['random_return']:.1f} +- "
+                  f"{summary['random_return_se']:.1f} (standard errors); {video}")
         agent.train()
 
     def collect(iteration):
@@ -111,7 +106,9 @@ def main():
         agent.eval()
         start, played = progress["collect_start"], progress["collect_played"]
         seed = cfg.seed + COLLECT_SEED + start + played
-        explorer = policy(explore=cfg.explore_prob, seed=seed)
+        random_explorer = d4.RandomExplorer(bins, np.random.default_rng(seed), rest=d4.explore_rest(cfg, bins.dims))
+        explorer = d4.AgentPolicy(agent, tokenizer, tokenizer.window, device, seed=seed, explorer=random_explorer,
+                                  explore_prob=cfg.explore_prob)
         for streams in d4.play_episodes(cfg, explorer, cfg.iteration_episodes - played, seed):
             files = len(d4.episode_files(run_dir / "data"))
             for i, stream in enumerate(streams):
@@ -119,7 +116,7 @@ def main():
             progress["collect_played"] += 1
             save()
             bar.write(f"iteration {iteration}: collected an episode, return "
-                      f"{np.mean([sum(s['rewards']) for s in streams]):.1f}")
+                      f"{np.mean([d4.episode_return(s) for s in streams]):.1f}")
         agent.train()
         progress.update(collect_start=None, collected=iteration)
         dataset, latents, _, action_bins = d4.world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device)

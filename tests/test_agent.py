@@ -172,11 +172,11 @@ def test_acting_costs_one_frame_per_step_and_real_env_evaluation_runs(agent, tin
     agent = d4.Agent(cfg, bins.bins).eval()
     policy = d4.AgentPolicy(agent, tokenizer, cfg.seq_len, torch.device("cpu"), seed=0)
     episodes = list(d4.play_episodes(cfg, policy, episodes=2, seed=3))
-    returns = np.array([[sum(s["rewards"]) for s in streams] for streams in episodes])
+    returns = np.array([[d4.episode_return(s) for s in streams] for streams in episodes])
     assert returns.shape == (2, 1) and np.isfinite(returns).all()
     steps = len(episodes[-1][0]["frames"]) - 1   # the policy saw every frame but the last
     assert steps > 5 and policy.cache.frames == steps   # one dynamics frame per step
-    assert all(k.shape[2] == min(steps, cfg.dyn_seq_len) for k, _ in policy.cache.layers.values())   # window
+    assert all(k.shape[2] == min(steps, cfg.dyn_seq_len - 1) for k, _ in policy.cache.layers.values())   # window
     again = d4.evaluate_returns(cfg, d4.AgentPolicy(agent, tokenizer, cfg.seq_len, torch.device("cpu"), seed=0), 2, 3)
     assert np.array_equal(returns, again)
 
@@ -196,3 +196,43 @@ def test_the_trained_policy_drives_every_car_of_the_multi_car_env_as_one_batch(t
     assert steps > 3 and policy.cache.frames == steps   # one cached frame per step, every car a row of the batch
     actions = np.stack([np.stack(s["actions"][1:]) for s in streams])   # (cars, steps, dims)
     assert not np.array_equal(actions[0], actions[1])   # each car acts on its own view
+
+
+def test_the_imagination_optimizer_keeps_the_policy_learning_rate_from_its_first_step(agent, tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, policy_lr=1e-3, warmup_steps=100, cooldown=0.5)
+    trainer = agent.imagination_trainer(cfg, torch.device("cpu"))
+    rates = []
+    for _ in range(300):
+        rates.append(trainer.schedule.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.schedule.step()
+    assert rates == [1e-3] * 300
+    trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert trained == {id(p) for p in [*agent.heads.policy.parameters(), *agent.heads.value.parameters()]}
+
+
+def test_imagination_runs_under_the_autocast_that_finetuning_and_acting_use(agent, tiny_cfg, monkeypatch):
+    entered = []
+    autocast = d4.autocast
+    monkeypatch.setattr(d4, "autocast", lambda device: entered.append(device) or autocast(device))
+    latents, actions = random_inputs(tiny_cfg, b=2, t=2)
+    agent.imagine(latents, actions, horizon=2, steps=2)
+    assert entered == [torch.device("cpu")]
+
+
+def test_a_loss_term_that_is_nearly_always_zero_is_not_scaled_up(agent, tiny_cfg):
+    """The continuation loss is ~0 until a batch holds a termination. Divided by its own RMS it would keep a
+    unit-size gradient and jump on that batch; with the floor its weight stays at most 1 / loss_floor."""
+    def spike(normalizer):   # -> the quiet term's weight, and the rare term after scaling
+        for _ in range(100):
+            quiet = torch.tensor(1e-5, requires_grad=True)
+            normalizer({"bc": torch.tensor(30.0), "continuation": quiet}).backward()
+        rare = torch.tensor(0.03)
+        return quiet.grad.item(), normalizer({"bc": torch.tensor(30.0), "continuation": rare}).item() - 1
+
+    floors = agent.finetune_trainer(tiny_cfg, torch.device("cpu")).normalizer.floors
+    assert floors == {"bc": tiny_cfg.loss_floor, "reward": tiny_cfg.loss_floor, "continuation": tiny_cfg.loss_floor}
+    weight, scaled = spike(d4.LossNormalizer(floors=floors))
+    assert weight == pytest.approx(1 / tiny_cfg.loss_floor) and scaled < 0.5
+    weight, unfloored = spike(d4.LossNormalizer())
+    assert weight > 1e4 and unfloored > 10 * scaled   # unit scale for a ~0 term, and the jump on the rare batch

@@ -132,8 +132,8 @@ def test_train_policy_evaluates_resumes_and_improves_online(tiny_run):
     run_dir, _ = tiny_run
     if not (run_dir / "dynamics.pt").exists():
         assert run("train_dynamics.py", *TINY, "--run-dir", str(run_dir)).returncode == 0
-    quick = [*TINY, "--run-dir", str(run_dir), "--finetune-steps", "4", "--steps", "4", "--eval-episodes", "1",
-             "--max-episode-steps", "30", "--eval-every", "4"]
+    quick = [*TINY, "--run-dir", str(run_dir), "--finetune-steps", "4", "--steps", "4", "--eval-episodes", "2",
+             "--max-episode-steps", "30", "--eval-max-episode-steps", "30", "--eval-every", "4"]
     first = run("train_policy.py", *quick)
     assert first.returncode == 0, first.stderr
     episodes = len(d4.episode_files(run_dir / "data"))
@@ -143,9 +143,38 @@ def test_train_policy_evaluates_resumes_and_improves_online(tiny_run):
     assert torch.load(run_dir / "agent.pt", weights_only=True)["progress"]["step"] == 16
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"policy"' in line]
     keyed = lambda key: [r for r in records if key in r]  # noqa: E731
-    assert [r["step"] for r in keyed("eval_return")] == [8, 16] and len(keyed("eval_return_std")) == 2
-    assert len(keyed("random_return")) == len(keyed("bc_return")) == 1   # baselines once, on the same seeds
-    assert all(np.isfinite(r[k]) for k in ("random_return", "bc_return") for r in keyed(k))
+    assert [r["step"] for r in keyed("eval_return")] == [8, 16] and len(keyed("eval_return_se")) == 2
+    baselines = [(r["random_return"], r["bc_return"]) for r in keyed("eval_return")]
+    assert baselines[0] == baselines[1] and np.isfinite(baselines[0]).all()   # played once, on the same seeds
+    for r in keyed("eval_return"):   # paired differences on the same tracks
+        assert r["episodes"] == 2 and r["trained_minus_bc"] == pytest.approx(r["eval_return"] - r["bc_return"])
     assert keyed("imagined_return") and {r["phase"] for r in keyed("bc")} == {"finetune"}
     assert (run_dir / "videos" / "policy_real_0000016.mp4").exists()
     assert (run_dir / "videos" / "policy_imagined_0000008.mp4").exists()
+
+
+def test_evaluate_logs_the_standard_protocol_and_matches_training(tiny_run):
+    """evaluate.py on a finished run: the summary line in metrics.jsonl, and for the same policy and seeds the
+    numbers train_policy.py logged."""
+    run_dir, _ = tiny_run
+    if not (run_dir / "agent.pt").exists():
+        test_train_policy_evaluates_resumes_and_improves_online(tiny_run)
+    trained = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"eval_return"' in line][-1]
+    result = run("evaluate.py", "--run-dir", str(run_dir), "--episodes", "2", "--max-episode-steps", "30",
+                 "--policies", "trained,random,uniform", "--video")
+    assert result.returncode == 0, result.stderr
+    assert "trained minus random" in result.stdout and "trained minus uniform" in result.stdout
+    line = json.loads(open(run_dir / "metrics.jsonl").readlines()[-1])
+    assert line["stage"] == "evaluate" and line["episodes"] == 2 and line["policies"] == ["trained", "random", "uniform"]
+    for key in ("eval", "random", "uniform"):
+        assert np.isfinite([line[f"{key}_return"], line[f"{key}_return_se"]]).all()
+    assert line["trained_minus_random"] == pytest.approx(line["eval_return"] - line["random_return"])
+    assert line["eval_return"] == trained["eval_return"] and line["random_return"] == trained["random_return"]
+    assert (run_dir / "videos" / "evaluate_trained_0000000.mp4").exists()
+    assert "bc_return" not in line
+
+
+def test_evaluate_refuses_bad_input_in_one_line(tiny_run, tmp_path):
+    assert "agent.pt" in one_line_error(run("evaluate.py", "--run-dir", str(tmp_path)))
+    assert "--policies" in one_line_error(run("evaluate.py", "--run-dir", str(tiny_run[0]), "--policies", "best"))
+    assert "--episodes" in one_line_error(run("evaluate.py", "--run-dir", str(tiny_run[0]), "--episodes", "0"))

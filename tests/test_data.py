@@ -118,18 +118,22 @@ def test_evaluation_drives_every_car_with_the_same_policy_and_reports_each_retur
             self.seen.append(frames.shape)
             return super().__call__(frames)
 
-    def run():
+    def recorder():
         policy = Recorder(d4.ActionBins(gym.spaces.Box(-1, 1, (3,)), 33), np.random.default_rng(0))
         policy.seen = []
+        return policy
+
+    def run():
+        policy = recorder()
         return d4.evaluate_returns(cfg, policy, episodes=2, seed=5), policy.seen
 
     returns, seen = run()
-    assert returns.shape == (2, 2) and set(seen) == {(2, 32, 32, 3)}   # one call acts for both cars
+    assert returns.shape == (2, 2) and set(seen) == {(4, 32, 32, 3)}   # one call: both cars of both episodes
     assert np.array_equal(returns, run()[0])                           # seeded env and policy: repeatable
     assert (returns >= -100 - 0.1 * 60).all() and (returns < 1000).all()   # reward bounds of the rules
     assert (returns[:, 0] != returns[:, 1]).all()                            # each car's own return
-    summary = d4.returns_summary(returns)
-    assert summary["mean"] == pytest.approx(returns.mean()) and len(summary["per_agent"]) == 2
+    averaged, _ = d4.evaluate_policies(dataclasses.replace(cfg, eval_max_episode_steps=60), {"r": recorder()}, 2, 5)
+    assert np.allclose(averaged["r"], returns.mean(1))   # an episode's return: the mean over its agents
 
 
 def test_single_agent_evaluation_returns_one_column(tiny_cfg):

@@ -80,7 +80,7 @@ def test_the_bootstrap_target_matches_a_hand_computation(tiny_cfg, monkeypatch):
     dynamics = d4.Dynamics(dataclasses.replace(tiny_cfg, num_latents=1, latent_dim=1, latent_tokens=1), BINS)
     monkeypatch.setattr(dynamics, "sample_levels", lambda b, t, *_: (torch.full((b, t), 0.25),
                                                                       torch.full((b, t), 0.5)))
-    monkeypatch.setattr(dynamics, "predict", lambda z, tau, d, a: 2 * z + (tau * d)[..., None, None])
+    monkeypatch.setattr(dynamics, "predict", lambda z, tau, d, a, *rest, **kw: 2 * z + (tau * d)[..., None, None])
     monkeypatch.setattr(torch, "randn_like", lambda x: torch.full_like(x, -1.0))   # z0 = -1
     z1 = torch.full((1, 1, 1, 1), 0.6)
     flow, boot = dynamics.shortcut_terms(z1, torch.zeros(1, 1, 2, dtype=torch.long))
@@ -98,9 +98,9 @@ def test_before_bootstrapping_every_frame_trains_at_d_min_in_one_forward_pass(ti
     dynamics = d4.Dynamics(dataclasses.replace(tiny_cfg, bootstrap_fraction=1.0), BINS)
     latents, _, _, actions = inputs(tiny_cfg)
     calls, predict = [], dynamics.predict
-    def counted(noisy, levels, sizes, actions):  # noqa: E306
+    def counted(noisy, levels, sizes, actions, *rest, **kw):  # noqa: E306
         calls.append(sizes)
-        return predict(noisy, levels, sizes, actions)
+        return predict(noisy, levels, sizes, actions, *rest, **kw)
     monkeypatch.setattr(dynamics, "predict", counted)
     flow, boot = dynamics.shortcut_terms(latents, actions, bootstrap=False)
     assert len(calls) == 1 and (calls[0] == 1 / 64).all() and (boot == 0).all() and (flow > 0).all()
@@ -188,3 +188,87 @@ def test_the_compiled_loss_and_its_gradients_equal_the_eager_ones(tiny_cfg, monk
     assert compiled_loss > 0 and torch.allclose(loss, compiled_loss, rtol=1e-4, atol=1e-6)
     for g, h in zip(grads, compiled_grads):
         assert (g is None) == (h is None) and (g is None or torch.allclose(g, h, rtol=1e-3, atol=1e-6))
+
+
+@pytest.mark.parametrize("preset", list(d4.PRESETS))
+def test_context_frames_carry_a_signal_level_that_training_produces(preset, monkeypatch):
+    """Training draws tau on the grid k / K_max; context frames (generation, imagination, acting) are labelled with
+    context_signal, whose Fourier features are untrained anywhere else."""
+    cfg = d4.parse_config("dynamics", "", ["--preset", preset])
+    dynamics = d4.Dynamics(cfg, BINS)
+    seen = []
+    monkeypatch.setattr(dynamics, "predict", lambda z, levels, *rest, **kw: seen.append(levels))
+    dynamics.observe(None, torch.zeros(1, 2, cfg.num_latents, cfg.latent_dim), torch.zeros(1, 2, 2, dtype=torch.long),
+                     torch.zeros(1, 2, cfg.num_latents, cfg.latent_dim))
+    torch.manual_seed(0)
+    trained = set((dynamics.sample_levels(64, 64, "cpu")[0] * cfg.max_shortcut_steps).flatten().tolist())
+    assert set((seen[0] * cfg.max_shortcut_steps).flatten().tolist()) <= trained
+
+
+def test_an_off_grid_context_signal_is_a_one_line_error():
+    with pytest.raises(d4.ConfigError, match="--context-signal 0.9 .* k / 64"):
+        d4.parse_config("dynamics", "", ["--context-signal", "0.9"])
+
+
+@pytest.mark.parametrize("preset", list(d4.PRESETS))
+def test_the_bootstrap_term_starts_while_the_learning_rate_is_still_at_its_peak(preset):
+    """4-step sampling uses the step sizes only the bootstrap term trains: not only during the decay to zero."""
+    cfg = d4.parse_config("dynamics", "", ["--preset", preset])
+    assert cfg.bootstrap_start < 1 - cfg.cooldown - 0.1
+
+
+def test_each_frames_bootstrap_target_sees_the_context_its_prediction_saw(tiny_cfg):
+    """Frame t's two half steps see frames < t as its prediction saw them (their noisy latents and labels), as one
+    pass per frame over frames 0..t computes them; moving every frame at once gives other targets."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_cfg, dyn_layers=4, dyn_time_every=2)   # two time blocks, stacked
+    dynamics = d4.Dynamics(cfg, BINS).eval()
+    latents, _, _, actions = inputs(cfg, b=2, t=6)
+    step_size = torch.tensor([[1 / 4, 1 / 64, 1 / 2, 1 / 8, 1 / 64, 1 / 4]]).repeat(2, 1)
+    signal_level = (torch.rand(2, 6) / step_size).floor() * step_size
+    noisy = (1 - signal_level[..., None, None]) * torch.randn_like(latents) + signal_level[..., None, None] * latents
+    context = d4.KVCache()
+    with torch.no_grad():
+        dynamics.predict(noisy, signal_level, step_size, actions, context, commit=True)
+        target = dynamics.bootstrap_target(noisy, signal_level, step_size, actions, context)
+
+    def half_steps(z, levels, sizes, t, moved_frames):   # frames in moved_frames take their half steps together
+        half = sizes.clone()
+        half[:, moved_frames] /= 2
+        first = (dynamics.predict(z, levels, half, actions[:, :z.shape[1]]) - z) / (1 - levels[..., None, None])
+        midway, second_levels = z.clone(), levels.clone()
+        midway[:, moved_frames] += first[:, moved_frames] * half[:, moved_frames, None, None]
+        second_levels[:, moved_frames] += half[:, moved_frames]
+        second = (dynamics.predict(midway, second_levels, half, actions[:, :z.shape[1]]) - midway) / (
+            1 - levels[..., None, None] - half[..., None, None])
+        return ((first + second) / 2)[:, t]
+
+    bootstrap = [t for t in range(6) if step_size[0, t] > 1 / 64]
+    with torch.no_grad():
+        for t in bootstrap:
+            alone = half_steps(noisy[:, :t + 1], signal_level[:, :t + 1], step_size[:, :t + 1], t, [t])
+            torch.testing.assert_close(target[:, t], alone, atol=1e-5, rtol=1e-4)
+        together = half_steps(noisy, signal_level, step_size, bootstrap[-1], bootstrap)
+    assert (together - target[:, bootstrap[-1]]).abs().amax() > 1e-3   # the defect this test guards against
+
+
+def test_a_frame_in_a_sliding_window_sees_as_many_frames_as_a_training_sequence(tiny_cfg):
+    """With the agent's KV window, a new frame attends to dyn_seq_len frames (itself included), the training length:
+    the same prediction as a pass over just those frames. (One time block, after a space block: exact.)"""
+    torch.manual_seed(0)
+    agent = d4.Agent(tiny_cfg, BINS).eval()
+    assert sum(block.over_time for block in agent.dynamics.transformer.blocks) == 1
+    n = tiny_cfg.dyn_seq_len
+    latents, _, _, actions = inputs(tiny_cfg, b=2, t=n + 5)
+    noise = torch.randn_like(latents)
+    cache = d4.KVCache(agent.window)
+    levels = lambda t: torch.full((2, t), tiny_cfg.context_signal)  # noqa: E731
+    sizes = lambda t: torch.full((2, t), 1 / 64)  # noqa: E731
+    with torch.no_grad():
+        agent.dynamics.observe(cache, latents[:, :-1], actions[:, :-1], noise[:, :-1])
+        corrupted = agent.dynamics.corrupt(latents, noise)
+        cached = agent.dynamics.predict(corrupted[:, -1:], levels(1), sizes(1), actions[:, -1:], cache)
+        window = agent.dynamics.predict(corrupted[:, -n:], levels(n), sizes(n), actions[:, -n:])[:, -1:]
+        longer = agent.dynamics.predict(corrupted[:, -n - 1:], levels(n + 1), sizes(n + 1), actions[:, -n - 1:])
+    torch.testing.assert_close(cached, window, atol=1e-5, rtol=1e-4)
+    assert (cached - longer[:, -1:]).abs().amax() > 1e-4

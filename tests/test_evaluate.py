@@ -1,0 +1,80 @@
+"""The standard evaluation protocol (SPEC Sec. 6): full episodes under the env's own time limit, every reward,
+seeded tracks shared by every policy, paired statistics, and evaluate.py's line in metrics.jsonl."""
+import dataclasses
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import dreamer4 as d4
+
+
+class Scripted:
+    """A policy that replays fixed bin indices, one row per step, the same for every stream."""
+
+    def __init__(self, indices):
+        self.indices = indices
+
+    def reset(self, streams):
+        self.streams, self.step = streams, 0
+
+    def __call__(self, frames):
+        self.step += 1
+        return np.repeat(self.indices[(self.step - 1) % len(self.indices)][None], self.streams, axis=0)
+
+
+def test_an_evaluation_episode_is_the_raw_envs_episode_step_for_step(tiny_cfg):
+    """Same seed and actions: the same number of env steps (the env's own 1000, zoom-in no-ops included) and the
+    same return (every reward, the no-ops' included) as CarRacing-v3 stepped by hand."""
+    cfg = dataclasses.replace(tiny_cfg, action_repeat=4, zoom_skip=50, max_episode_steps=200, eval_max_episode_steps=0)
+    bins = d4.env_action_bins(cfg)
+    indices = np.random.default_rng(0).integers(14, 19, (300, 3))   # nearly straight:
+    indices[:, 1], indices[:, 2] = 8, 0                              # a quarter of the gas visits some tiles,
+    indices[25:, 1], indices[25:, 2] = 0, 32                         # then it brakes before leaving the playfield
+    returns, first = d4.evaluate_policies(cfg, {"scripted": Scripted(indices)}, episodes=1, seed=7)
+
+    env = gym.make("CarRacing-v3")
+    env.unwrapped._render = lambda mode: None   # rewards and time limit do not read the frames: skip the drawing
+    env.reset(seed=7)
+    total, steps, done, decisions = 0.0, 0, False, 0
+    for _ in range(50):
+        _, reward, terminated, truncated, _ = env.step(np.zeros(3, np.float32))
+        total, steps = total + reward, steps + 1
+    while not done:
+        action = bins.from_bins(indices[decisions % len(indices)])
+        decisions += 1
+        for _ in range(4):
+            _, reward, terminated, truncated, _ = env.step(action)
+            total, steps = total + reward, steps + 1
+            done = terminated or truncated
+            if done:
+                break
+    env.close()
+    assert steps == 1000 and truncated and not terminated   # the env's own limit, zoom-in included
+    assert len(first["scripted"]) == decisions + 1 == 1 + math.ceil(950 / 4)   # frames: the reset's and one a step
+    assert returns["scripted"][0] == pytest.approx(total, abs=1e-3) and total > -50 - 0.1 * 1000   # tiles visited
+
+
+def test_paired_statistics_of_hand_made_returns():
+    summary = d4.evaluation_summary({"eval": np.array([1.0, 2.0, 6.0]), "bc": np.array([0.0, 2.0, 1.0]),
+                                     "random": np.array([-1.0, -1.0, -1.0])})
+    assert summary["episodes"] == 3
+    assert summary["eval_return"] == pytest.approx(3.0)
+    assert summary["eval_return_se"] == pytest.approx(math.sqrt(7) / math.sqrt(3))   # sample std sqrt(7)
+    assert summary["bc_return_se"] == pytest.approx(1 / math.sqrt(3))
+    # differences 1, 0, 5: mean 2, sample std sqrt(7), standard error sqrt(7 / 3)
+    assert summary["trained_minus_bc"] == pytest.approx(2.0)
+    assert summary["trained_minus_bc_se"] == pytest.approx(math.sqrt(7) / math.sqrt(3))
+    assert summary["random_return_se"] == 0 and summary["trained_minus_random"] == pytest.approx(4.0)
+    assert "trained_minus_eval" not in summary
+    assert d4.mean_and_se([5.0]) == (5.0, 0.0)
+
+
+def test_every_policy_plays_the_same_tracks(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, eval_max_episode_steps=20)
+    straight = np.array([[16, 0, 0]])   # no gas: the car stands, so the first frames show only the track
+    returns, first = d4.evaluate_policies(cfg, {"a": Scripted(straight), "b": Scripted(straight)}, 3, seed=11)
+    assert np.array_equal(returns["a"], returns["b"]) and np.array_equal(first["a"], first["b"])
+    other, _ = d4.evaluate_policies(cfg, {"a": Scripted(straight)}, 3, seed=12)
+    assert not np.array_equal(other["a"], returns["a"])
