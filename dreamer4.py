@@ -966,7 +966,10 @@ class Agent(nn.Module):
 
     def imagination_loss(self, rollout):
         """Value loss (two-hot cross-entropy to sg(R_t)) and PMPO (Eq. 11) on an imagined rollout; the features
-        are fixed, so only the policy and value heads learn. No return or advantage normalization, no entropy."""
+        are fixed, so only the policy and value heads learn. No return or advantage normalization, no entropy.
+        Also returns diagnostics (not optimized): the fraction of advantages >= 0 and their mean, the share of the
+        returns' variance the values explain, the policy's entropy (nats, summed over action dimensions) and its KL
+        to the prior."""
         features = rollout["features"]
         value_logits = self.heads.value(features)
         values = two_hot_decode(value_logits, self.heads.support).detach()
@@ -980,7 +983,11 @@ class Agent(nn.Module):
                 - self.alpha * (logp * positive).sum() / positive.sum().clamp_min(1))
         prior = self.heads.policy_logits(features[:, :-1], prior=True, distance=0)
         kl = kl_divergence(logits, prior).mean()
-        return {"policy": pmpo + self.beta * kl, "value": value}
+        entropy = -sum((l.float().softmax(-1) * l.float().log_softmax(-1)).sum(-1) for l in logits).mean()
+        diagnostics = dict(advantage_positive=positive.mean(), advantage_mean=advantages.mean(),
+                           value_explained_variance=1 - (returns - values[:, :-1]).var() / returns.var().clamp_min(1e-8),
+                           policy_entropy=entropy, prior_kl=kl)
+        return {"policy": pmpo + self.beta * kl, "value": value}, diagnostics
 
 
 class AgentPolicy:
@@ -1664,15 +1671,17 @@ class Trainer:
         self.normalizer = LossNormalizer(floors=loss_floors)
 
     def step(self, loss_fn, *args):
+        """loss_fn returns its loss terms, or (loss terms, diagnostics): scalars logged alongside, not optimized."""
         with autocast(self.device):
             losses = loss_fn(*args)
+        losses, diagnostics = losses if isinstance(losses, tuple) else (losses, {})
         self.optimizer.zero_grad(set_to_none=True)
         self.normalizer(losses).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.optimizer.step()
         self.schedule.step()
-        return {**{name: loss.item() for name, loss in losses.items()}, "grad_norm": grad_norm.item(),
-                "lr": self.schedule.get_last_lr()[0]}
+        return {**{name: value.item() for name, value in {**losses, **diagnostics}.items()},
+                "grad_norm": grad_norm.item(), "lr": self.schedule.get_last_lr()[0]}
 
     def state_dict(self):
         return dict(optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),

@@ -84,7 +84,7 @@ def fabricated_rollout(cfg, b=64, seed=0):
 def test_pmpo_has_the_stated_weights_and_kl_direction(agent, tiny_cfg):
     torch.nn.init.normal_(agent.heads.bc_policy[-1].weight)   # a prior unlike the policy
     rollout = fabricated_rollout(tiny_cfg)
-    losses = agent.imagination_loss(rollout)
+    losses, diagnostics = agent.imagination_loss(rollout)
     features, actions = rollout["features"][:, 0], rollout["actions"][:, 0]
     logp, kl = 0.0, 0.0
     for i, n in enumerate(BINS):   # by hand, per action dimension, at distance 0
@@ -95,6 +95,24 @@ def test_pmpo_has_the_stated_weights_and_kl_direction(agent, tiny_cfg):
     positive = rollout["rewards"][:, 0] > 0
     expected = 0.5 * logp[~positive].mean() - 0.5 * logp[positive].mean() + 0.3 * kl.mean()
     assert losses["policy"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert diagnostics["prior_kl"].item() == pytest.approx(kl.mean().item(), rel=1e-5)
+
+
+def test_imagination_diagnostics_on_a_hand_made_rollout(agent, tiny_cfg):
+    """Half the advantages are +1, half -1 (the value head predicts 0, the rollout ends after one step): half
+    positive, mean 0, values explain none of the returns' variance; a policy and prior that are uniform over every
+    action dimension have entropy sum_i ln(bins_i) and no KL."""
+    for layer in (agent.heads.policy[-1], agent.heads.bc_policy[-1]):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    rollout = fabricated_rollout(tiny_cfg)
+    rollout["continues"] = torch.zeros_like(rollout["continues"])
+    diagnostics = agent.imagination_loss(rollout)[1]
+    assert diagnostics["advantage_positive"].item() == 0.5
+    assert diagnostics["advantage_mean"].item() == pytest.approx(0.0, abs=1e-5)
+    assert diagnostics["value_explained_variance"].item() == pytest.approx(0.0, abs=1e-6)
+    assert diagnostics["policy_entropy"].item() == pytest.approx(sum(math.log(n) for n in BINS), rel=1e-5)
+    assert diagnostics["prior_kl"].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_pmpo_raises_positive_and_lowers_negative_advantage_actions(agent, tiny_cfg):
@@ -110,7 +128,7 @@ def test_pmpo_raises_positive_and_lowers_negative_advantage_actions(agent, tiny_
     optimizer = torch.optim.SGD(agent.heads.policy.parameters(), lr=0.05)
     for _ in range(5):
         optimizer.zero_grad()
-        agent.imagination_loss(rollout)["policy"].backward()
+        agent.imagination_loss(rollout)[0]["policy"].backward()
         optimizer.step()
     change = logp() - before
     assert change[positive].mean() > 0 > change[~positive].mean()
@@ -122,7 +140,7 @@ def test_value_head_learns_the_returns(agent, tiny_cfg):
     optimizer = torch.optim.Adam(agent.heads.value.parameters(), lr=1e-2)
     for _ in range(100):
         optimizer.zero_grad()
-        agent.imagination_loss(rollout)["value"].backward()
+        agent.imagination_loss(rollout)[0]["value"].backward()
         optimizer.step()
     values = agent.heads.predicted_value(rollout["features"][:, 0]).detach()
     assert (values - rollout["rewards"][:, 0]).abs().mean() < 0.2
