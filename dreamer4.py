@@ -953,6 +953,16 @@ class Agent(nn.Module):
                         rewards=self.heads.predicted_reward(features[:, 1:]),
                         continues=self.heads.predicted_continue(features[:, 1:]))
 
+    @torch.no_grad()
+    def prior_nll(self, latents, actions):
+        """How well the behaviour-cloned prior predicts the next action on real windows (latents (B, T, N, Dl),
+        actions (B, T, dims), row t holding a_{t-1}): the negative log-likelihood (nats, summed over action
+        dimensions) of a_t at distance 0, per frame t < T - 1, and the targets a_t and previous actions a_{t-1}
+        (B, T - 1, dims) for comparing with action_baseline_nll (-1 where there is none)."""
+        logits = self.heads.policy_logits(self.features(latents, actions)[:, :-1], prior=True, distance=0)
+        targets = actions[:, 1:]
+        return -log_prob(logits, targets.clamp_min(0)), targets, actions[:, :-1]
+
     def finetune_trainer(self, cfg, device):
         """The finetuning optimizer of the whole agent (Eq. 9), its likelihood terms' RMS floored at loss_floor."""
         return Trainer(self, cfg, device, total_steps=cfg.finetune_steps,
@@ -1609,6 +1619,43 @@ def latent_batch(dataset, latents, action_bins, index, device):
     tensor = lambda array: torch.from_numpy(array[index]).to(device)  # noqa: E731
     return dict(latents=tensor(latents).float(), actions=tensor(action_bins), rewards=tensor(dataset.rewards),
                 terminated=tensor(dataset.terminated), index=index)
+
+
+def action_baseline_nll(train_actions, bins, targets, previous):
+    """Two baselines for the BC prior's negative log-likelihood (Agent.prior_nll), in nats summed over action
+    dimensions, per target: the data's marginal per dimension (bin frequencies of the training rows, add-one
+    smoothed), and "repeat the previous action", p(a) = r [a = a_prev] + (1 - r) marginal(a) with r the fraction of
+    training steps that repeat it. train_actions (N, dims) bin indices in episode order, -1 at episode starts;
+    targets and previous (..., dims) -> (marginal, repeat) NLLs (...)."""
+    train_actions = np.asarray(train_actions)
+    log_marginal, repeat = [], []
+    for i, n in enumerate(bins):
+        present = train_actions[:, i][train_actions[:, i] >= 0]
+        log_marginal.append(torch.from_numpy(np.log((np.bincount(present, minlength=n) + 1) / (len(present) + n))))
+        pairs = (train_actions[1:, i] >= 0) & (train_actions[:-1, i] >= 0)
+        repeat.append(float((train_actions[1:, i] == train_actions[:-1, i])[pairs].mean()))
+    marginal_nll, repeat_nll = 0.0, 0.0
+    for i, (log_p, r) in enumerate(zip(log_marginal, repeat)):
+        target = targets[..., i].clamp_min(0).cpu()
+        p = log_p.float()[target].exp()
+        marginal_nll = marginal_nll - p.log()
+        repeat_nll = repeat_nll - (r * (target == previous[..., i].cpu()).float() + (1 - r) * p).log()
+    return marginal_nll, repeat_nll
+
+
+def prior_quality(agent, dataset, latents, action_bins, bins, cfg, device):
+    """The BC prior's next-action NLL on held-out windows (Agent.prior_nll) against the data's marginal and
+    "repeat the previous action" (action_baseline_nll, fitted on the training episodes): prior_nll, marginal_nll,
+    repeat_nll in nats, over the steps where a previous action exists."""
+    index = dataset.sample_index(cfg.eval_sequences, cfg.dyn_seq_len, "eval", np.random.default_rng(cfg.seed))
+    held_out = latent_batch(dataset, latents, action_bins, index, device)
+    nll, targets, previous = agent.prior_nll(held_out["latents"], held_out["actions"])
+    train = np.concatenate([np.arange(start, start + n) for start, n, split in
+                            zip(dataset.starts, dataset.lengths, dataset.split) if split == "train"])
+    marginal, repeat = action_baseline_nll(action_bins[train], bins.bins, targets, previous)
+    valid = ((targets >= 0) & (previous >= 0)).all(-1).cpu()
+    return {name: value.cpu()[valid].mean().item() for name, value in
+            (("prior_nll", nll), ("marginal_nll", marginal), ("repeat_nll", repeat))}
 
 
 def frames_to_uint8(frames):

@@ -121,6 +121,14 @@ def main():
         progress.update(collect_start=None, collected=iteration)
         dataset, latents, _, action_bins = d4.world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device)
 
+    def log_prior_quality(step):
+        agent.eval()
+        scores = d4.prior_quality(agent, dataset, latents, action_bins, bins, cfg, device)
+        logger.log(step, **scores)
+        bar.write("BC prior, next-action NLL on held-out windows (nats): " +
+                  ", ".join(f"{name} {value:.3f}" for name, value in scores.items()))
+        agent.train()
+
     logger = d4.Logger(cfg, "policy")
     rng = np.random.default_rng([cfg.seed, progress["step"]])
     generator = torch.Generator(device).manual_seed(cfg.seed + progress["step"])
@@ -145,6 +153,7 @@ def main():
             else:
                 if within == cfg.finetune_steps:
                     agent.heads.freeze_prior()   # the behaviour-cloned policy: PMPO's prior
+                    log_prior_quality(progress["step"])
                 batch = sample(cfg.batch_size, cfg.imagination_context, rng)
                 rollout = agent.imagine(batch["latents"], batch["actions"], cfg.imagination_horizon,
                                         cfg.sampling_steps, generator)

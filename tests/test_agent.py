@@ -254,3 +254,16 @@ def test_a_loss_term_that_is_nearly_always_zero_is_not_scaled_up(agent, tiny_cfg
     assert weight == pytest.approx(1 / tiny_cfg.loss_floor) and scaled < 0.5
     weight, unfloored = spike(d4.LossNormalizer())
     assert weight > 1e4 and unfloored > 10 * scaled   # unit scale for a ~0 term, and the jump on the rare batch
+
+
+def test_action_baselines_of_the_prior_on_hand_made_actions():
+    """One dimension of 3 bins. Training steps 0 1 1 1 | 0 0 (| an episode start, -1): bin counts 3, 3, 0, add-one
+    smoothed; 3 of the 4 steps inside episodes repeat the previous action."""
+    train = np.array([[-1], [0], [1], [1], [1], [-1], [0], [0]])
+    targets, previous = torch.tensor([[1], [0]]), torch.tensor([[1], [1]])
+    marginal, repeat = d4.action_baseline_nll(train, [3], targets, previous)
+    p0, p1 = (3 + 1) / (6 + 3), (3 + 1) / (6 + 3)
+    r = 3 / 4                                        # 1->1, 1->1, 0->0 repeat; 0->1 does not
+    torch.testing.assert_close(marginal, torch.tensor([-math.log(p1), -math.log(p0)]), check_dtype=False)
+    torch.testing.assert_close(repeat, torch.tensor([-math.log(r + (1 - r) * p1), -math.log((1 - r) * p0)]),
+                               check_dtype=False)

@@ -149,6 +149,9 @@ def test_train_policy_evaluates_resumes_and_improves_online(tiny_run):
     for r in keyed("eval_return"):   # paired differences on the same tracks
         assert r["episodes"] == 2 and r["trained_minus_bc"] == pytest.approx(r["eval_return"] - r["bc_return"])
     assert keyed("imagined_return") and {r["phase"] for r in keyed("bc")} == {"finetune"}
+    assert [r["step"] for r in keyed("prior_nll")] == [4, 12]   # at each freeze of the prior, with its baselines
+    assert all(0 < r[k] < 20 for r in keyed("prior_nll") for k in ("prior_nll", "marginal_nll", "repeat_nll"))
+    assert all(0 <= r["advantage_positive"] <= 1 and r["policy_entropy"] > 0 for r in keyed("advantage_positive"))
     assert (run_dir / "videos" / "policy_real_0000016.mp4").exists()
     assert (run_dir / "videos" / "policy_imagined_0000008.mp4").exists()
 
