@@ -86,7 +86,7 @@ def parse_args():
                         help="shortcut steps per dreamed frame (K; 0: the run's --sampling-steps)")
     parser.add_argument("--scale", type=int, default=0, help="window pixels per frame pixel (0: about 384 px wide)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the context choice, the noise and the real env")
-    parser.add_argument("--video", help="also write the frames shown (dream | real) to this .mp4")
+    parser.add_argument("--video", help="also write the frames shown (real | dream) to this .mp4 or .gif")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the models run")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (one frame's ops are too small to share; see docs/results.md)")
@@ -189,7 +189,7 @@ def main():
 
     def draw(reward, dreamed_return, real_return, frame):
         screen.fill((0, 0, 0))
-        for i, (image, label) in enumerate([(dreams[-1], "dream")] + ([(real[-1], "real")] if real else [])):
+        for i, (image, label) in enumerate(([(real[-1], "real")] if real else []) + [(dreams[-1], "dream")]):
             surface = pygame.surfarray.make_surface(np.ascontiguousarray(image.transpose(1, 0, 2)))
             screen.blit(pygame.transform.scale(surface, (side, side)), (i * side, 0))
             screen.blit(font.render(label, True, (255, 255, 0)), (i * side + 4, 4))
@@ -239,8 +239,14 @@ def main():
         if real is not None:
             env.close()
     if args.video:
-        d4.write_video(args.video, [np.stack(dreams)] + ([np.stack(real)] if real else []),
-                       fps=round(args.fps) or 15)
+        columns, fps = ([np.stack(real)] if real else []) + [np.stack(dreams)], args.fps or 15
+        if args.video.endswith(".gif"):   # for the README: looping, upscaled 2x
+            import imageio
+
+            frames = np.concatenate(columns, axis=2).repeat(2, axis=1).repeat(2, axis=2)
+            imageio.mimwrite(args.video, list(frames), duration=1000 / fps, loop=0)
+        else:
+            d4.write_video(args.video, columns, fps=round(fps))
     print(f"predicted return {dreamed_return:+.2f}" + (f", real return {real_return:+.2f}" if real else ""))
     print(f"frames/s: {frame / max(seconds, 1e-9):.1f}")
 
