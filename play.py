@@ -107,15 +107,14 @@ def real_context(env, bins, context, seed, multi):
     obs, _ = env.reset(seed=seed)
     frames, noop = [obs[0] if multi else obs], keys_to_action(set(), bins)
     for _ in range(context - 1):
-        obs = env_step(env, bins, noop, multi)[0]
-        frames.append(obs[0] if multi else obs)
+        frames.append(env_step(env, bins, noop, multi)[0])
     return np.stack(frames), np.stack([np.full(bins.dims, -1)] + [noop] * (context - 1))
 
 
 def held_out_context(dataset, bins, context, window, rng):
     """A random held-out window of `context` frames, with up to window - 1 frames before it in its episode (the
-    tokenizer's causal context, as in the latent cache): frames (W + C, H, W, 3), actions (C, dims) as bin
-    indices (-1 where no action led to the frame), and how many frames precede the window."""
+    tokenizer's causal context, as in the latent cache): frames (P + C, H, W, 3) with P such frames, actions
+    (C, dims) as bin indices (-1 where no action led to the frame), and P."""
     start = int(rng.choice(dataset.window_starts("eval", context)))
     episode_start = dataset.starts[np.searchsorted(dataset.starts, start, side="right") - 1]
     before = min(window - 1, start - episode_start)
@@ -193,10 +192,10 @@ def main():
             surface = pygame.surfarray.make_surface(np.ascontiguousarray(image.transpose(1, 0, 2)))
             screen.blit(pygame.transform.scale(surface, (side, side)), (i * side, 0))
             screen.blit(font.render(label, True, (255, 255, 0)), (i * side + 4, 4))
-        line = f"frame {frame}  predicted reward {reward:+.2f}  predicted return {dreamed_return:+.1f}"
-        screen.blit(font.render(line, True, (255, 255, 255)), (4, side + 4))
-        if real:
-            screen.blit(font.render(f"real return {real_return:+.1f}", True, (255, 255, 255)), (4, side + 24))
+        lines = [f"predicted reward {reward:+.2f}, return {dreamed_return:+.1f}",
+                 f"frame {frame}" + (f", real return {real_return:+.1f}" if real else "")]
+        for row, line in enumerate(lines):
+            screen.blit(font.render(line, True, (255, 255, 255)), (4, side + 4 + 20 * row))
         pygame.display.flip()
 
     frame, dreamed_return, real_return, reward = 0, 0.0, 0.0, 0.0
