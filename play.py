@@ -140,7 +140,8 @@ def main():
     torch.set_num_threads(args.threads)
     state = d4.load_checkpoint(run_dir / "agent.pt", "run train_policy.py on this --run-dir first")
     tokenizer, _, _ = d4.load_tokenizer(run_dir, device)
-    cfg = d4.Config(**{**state["config"], "run_dir": str(run_dir)})
+    # the run's settings, but the env's own time limit: the real game, not the short training episodes
+    cfg = d4.Config(**{**state["config"], "run_dir": str(run_dir), "max_episode_steps": 0})
     agent = d4.Agent(cfg, state["action_bins"]).to(device).eval().requires_grad_(False)
     agent.load_state_dict(state["model"])
     env = d4.make_env(cfg)
