@@ -18,6 +18,7 @@ import math
 import os
 import random
 import sys
+import textwrap
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,125 +34,114 @@ from torch.utils.checkpoint import checkpoint
 # ==================================================================================================================
 # 1. Configuration, presets and the common command line
 # ==================================================================================================================
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+def arg(default, help, stage):
+    """A Config field: its default, its one-line --help text and the --help group (stage) it is listed under."""
+    return field(default=default, metadata={"help": help, "stage": stage})
 
 
 @dataclass
 class Config:
-    """Every setting of every stage. Field defaults are the `default` preset (one workstation GPU, 96x96)."""
+    """Every setting of every stage. Field defaults are the `default` preset (one workstation GPU, 96x96).
+    (ours) marks values the paper leaves open; docs/results.md has the measurements behind them."""
     # run
-    env: str = arg("CarRacing-v3", "gymnasium environment id (pixel observations, or rendered with rgb_array)")
-    run_dir: str = arg("runs/carracing", "directory every stage of one run reads and writes")
-    preset: str = arg("default", "tiny (seconds, for tests) | small (2-core CPU) | default (one GPU, 96x96)")
-    device: str = arg("auto", "auto | cpu | cuda")
-    compile: str = arg("", "stages whose training loss runs through torch.compile, comma-separated: mae, dynamics "
-                           "(ours: mae in the small preset, whose tokenizer steps it made 1.4x faster on 2 CPU cores "
-                           "after about a minute of compiling; the dynamics' 3500 steps lost more to compiling twice, "
-                           "about 75 + 150 s, than they gained; not measured on a GPU)")
-    seed: int = arg(0, "seed for the environments, sampling and initialization")
-    wandb: str = arg("offline", "online | offline | disabled (wandb is not imported when disabled)")
-    resume: bool = arg(False, "continue from the checkpoint in --run-dir instead of starting fresh")
-    mae_steps: int = arg(50_000, "tokenizer training steps (--steps in train_mae.py)")
+    env: str = arg("CarRacing-v3", "gymnasium env id (pixel observations, or rendered frames)", "run")
+    run_dir: str = arg("runs/carracing", "directory every stage of one run reads and writes", "run")
+    preset: str = arg("default", "tiny (seconds, for tests) | small (2-core CPU) | default (one GPU, 96x96)", "run")
+    device: str = arg("auto", "where to run", "run")
+    compile: str = arg("", "stages whose training loss is torch.compiled: mae,dynamics (ours)", "run")
+    seed: int = arg(0, "seed of the envs, sampling and initialization", "run")
+    wandb: str = arg("offline", "wandb mode (disabled: wandb is not imported)", "run")
+    resume: bool = arg(False, "continue the stage's checkpoint (without: refuse to overwrite it)", "run")
+    mae_steps: int = arg(50_000, "tokenizer training steps (--steps of train_mae.py)", "tokenizer")
     # environment and data
-    image_size: int = arg(96, "observations are resized to image_size x image_size with cv2.INTER_AREA")
-    action_repeat: int = arg(2, "repeat each action this many env steps, summing rewards (ours: 4 in the small "
-                                "preset, where at 2 a frame barely differs from the last at 64x64 and the dynamics "
-                                "did not beat copying it)")
-    zoom_skip: int = arg(50, "no-op steps after reset in CarRacing envs, skipping the zoom-in; ignored for others")
-    max_episode_steps: int = arg(0, "time limit in env steps; 0 keeps the environment's own. Short episodes mean "
-                                    "more tracks per frame collected, which the tokenizer needs to generalize")
-    action_bins: int = arg(33, "bins per continuous action dimension, evenly spaced over its bounds, both ends "
-                               "included (ours: 33 makes the midpoint exact)")
-    collect_frames: int = arg(100_000, "frames of random-policy experience collected before training")
-    explore_rest: str = arg("auto", "per action dimension, comma-separated: probability that the random explorer "
-                                    "holds it at its bin nearest zero. auto: 0,0,0.9 for CarRacing, i.e. brake "
-                                    "rarely (uniform random braking keeps the car at a crawl, measured mean speed "
-                                    "4.2 vs 21.3 without brake, and its frames barely change); 0 elsewhere (ours)")
-    num_envs: int = arg(0, "parallel environments for collection; 0 means one per CPU core")
-    holdout_every: int = arg(10, "every n-th episode (starting with the first) is held out for evaluation")
+    image_size: int = arg(96, "frame side in pixels after resizing (cv2.INTER_AREA)", "data")
+    action_repeat: int = arg(2, "env steps per action, rewards summed (ours)", "data")
+    zoom_skip: int = arg(50, "no-op env steps after a CarRacing reset (its zoom-in)",
+                         "data")
+    max_episode_steps: int = arg(0, "episode time limit in env steps; 0: the env's own", "data")
+    action_bins: int = arg(33, "bins per continuous action dimension, both bounds included (ours)", "data")
+    collect_frames: int = arg(100_000, "frames the random explorer collects before training", "data")
+    explore_rest: str = arg("auto", "per action dim, probability the explorer holds it at zero; auto: 0,0,0.9 "
+                                    "for CarRacing, else 0 (ours)", "data")
+    num_envs: int = arg(0, "parallel envs for collection; 0: one per CPU core", "data")
+    holdout_every: int = arg(10, "every n-th episode, from the first, is held out for evaluation", "data")
     # transformer (shared by tokenizer and dynamics)
-    time_every: int = arg(4, "every n-th block attends over time (causal), the others over space; for the "
-                             "tokenizer, and the dynamics unless --dyn-time-every")
-    mlp_ratio: float = arg(8 / 3, "SwiGLU hidden width as a multiple of the model width")
-    softcap: float = arg(0.0, "attention-logit soft cap (paper: 50); >0 leaves SDPA for an explicit, slower path")
-    checkpointing: bool = arg(True, "activation checkpointing per block (saves memory, costs ~30%% compute)")
+    time_every: int = arg(4, "every n-th block attends over time, the others over space", "transformer")
+    mlp_ratio: float = arg(8 / 3, "SwiGLU hidden width, in multiples of the model width", "transformer")
+    softcap: float = arg(0.0, "attention-logit soft cap (paper: 50); >0: explicit, slower attention",
+                         "transformer")
+    checkpointing: bool = arg(True, "activation checkpointing per block (saves memory, costs compute)", "transformer")
     # tokenizer (SPEC Sec. 2)
-    patch_size: int = arg(8, "square patch side in pixels")
-    tok_dim: int = arg(512, "tokenizer width")
-    tok_heads: int = arg(8, "tokenizer query heads")
-    tok_kv_heads: int = arg(4, "tokenizer key/value heads (grouped-query attention)")
-    tok_enc_layers: int = arg(8, "tokenizer encoder blocks")
-    tok_dec_layers: int = arg(8, "tokenizer decoder blocks")
-    num_latents: int = arg(64, "latent tokens per frame (N_latent)")
-    latent_dim: int = arg(32, "bottleneck width per latent token (D_latent), squashed by tanh")
-    max_mask_prob: float = arg(0.9, "MAE: per frame p ~ U(0, max_mask_prob) of the patches are masked")
-    lpips_weight: float = arg(0.0, "weight of the LPIPS term (paper: 0.2); needs the lpips package; 0 = off")
+    patch_size: int = arg(8, "patch side in pixels", "tokenizer")
+    tok_dim: int = arg(512, "tokenizer width", "tokenizer")
+    tok_heads: int = arg(8, "tokenizer query heads", "tokenizer")
+    tok_kv_heads: int = arg(4, "tokenizer key/value heads (GQA)", "tokenizer")
+    tok_enc_layers: int = arg(8, "tokenizer encoder blocks", "tokenizer")
+    tok_dec_layers: int = arg(8, "tokenizer decoder blocks", "tokenizer")
+    num_latents: int = arg(64, "latent tokens per frame (N_latent)", "tokenizer")
+    latent_dim: int = arg(32, "bottleneck width per latent token (D_latent), tanh-squashed", "tokenizer")
+    max_mask_prob: float = arg(0.9, "MAE: a frame masks p ~ U(0, this) of its patches", "tokenizer")
+    lpips_weight: float = arg(0.0, "weight of the LPIPS loss term (paper: 0.2; needs lpips); 0: off", "tokenizer")
     # interactive dynamics (SPEC Sec. 3)
-    dynamics_steps: int = arg(100_000, "dynamics training steps (--steps in train_dynamics.py)")
-    dyn_dim: int = arg(512, "dynamics width")
-    dyn_heads: int = arg(8, "dynamics query heads")
-    dyn_kv_heads: int = arg(2, "dynamics key/value heads (grouped-query attention)")
-    dyn_layers: int = arg(12, "dynamics blocks")
-    dyn_time_every: int = arg(0, "every n-th dynamics block attends over time; 0: --time-every (ours: 2 in the small "
-                                 "preset, whose 4 blocks would otherwise mix time only in the last one)")
-    latent_tokens: int = arg(16, "tokens per frame holding z (S_z); N_latent must be a multiple")
-    action_tokens: int = arg(1, "action tokens per frame (S_a)")
-    register_tokens: int = arg(4, "register tokens per frame (S_r)")
-    max_shortcut_steps: int = arg(64, "K_max: the finest step size is d_min = 1/K_max")
-    bootstrap_fraction: float = arg(0.25, "fraction of frames trained with the bootstrap (d > d_min) term (ours)")
-    bootstrap_start: float = arg(0.5, "fraction of the dynamics training steps before the bootstrap term starts "
-                                      "(ours): until then every frame trains at d_min, and a step costs one forward "
-                                      "pass instead of three. The bootstrap target is the model's own prediction; "
-                                      "from step 0 it trains a quarter of the frames toward an action-blind model's "
-                                      "output, and the small preset's dreams then responded to steering 2-4x less "
-                                      "(measured on the small preset only)")
-    single_frame_fraction: float = arg(0.3, "fraction of sequences trained as independent single frames")
-    context_signal: float = arg(58 / 64, "signal level tau of context frames in generation: tau z + (1 - tau) noise; "
-                                         "must lie on the training grid k / K_max")
-    sampling_steps: int = arg(4, "shortcut steps per generated frame (K)")
-    dyn_seq_len: int = arg(32, "frames per dynamics training sequence")
-    eval_context: int = arg(8, "real context frames before an evaluation rollout")
-    eval_horizon: int = arg(16, "frames generated open-loop in an evaluation rollout")
+    dynamics_steps: int = arg(100_000, "dynamics training steps (--steps of train_dynamics.py)", "dynamics")
+    dyn_dim: int = arg(512, "dynamics width", "dynamics")
+    dyn_heads: int = arg(8, "dynamics query heads", "dynamics")
+    dyn_kv_heads: int = arg(2, "dynamics key/value heads (GQA)", "dynamics")
+    dyn_layers: int = arg(12, "dynamics blocks", "dynamics")
+    dyn_time_every: int = arg(0, "every n-th dynamics block attends over time; 0: --time-every", "dynamics")
+    latent_tokens: int = arg(16, "tokens per frame holding z (S_z); must divide N_latent", "dynamics")
+    action_tokens: int = arg(1, "action tokens per frame (S_a)", "dynamics")
+    register_tokens: int = arg(4, "register tokens per frame (S_r)", "dynamics")
+    max_shortcut_steps: int = arg(64, "K_max: the finest step size is d_min = 1/K_max", "dynamics")
+    bootstrap_fraction: float = arg(0.25, "fraction of frames trained with the bootstrap term, d > d_min (ours)",
+                                    "dynamics")
+    bootstrap_start: float = arg(0.5, "fraction of the dynamics steps trained before the bootstrap term starts "
+                                      "(ours)", "dynamics")
+    single_frame_fraction: float = arg(0.3, "fraction of sequences trained as independent single frames",
+                                       "dynamics")
+    context_signal: float = arg(58 / 64, "signal level tau of context frames in generation, on the training grid "
+                                         "k / K_max (SPEC Sec. 3)", "dynamics")
+    sampling_steps: int = arg(4, "shortcut steps per generated frame (K)", "dynamics")
+    dyn_seq_len: int = arg(32, "frames per dynamics training sequence", "dynamics")
+    eval_context: int = arg(8, "real context frames before an evaluation rollout", "dynamics")
+    eval_horizon: int = arg(16, "frames generated open-loop per evaluation rollout", "dynamics")
     # agent (SPEC Sec. 4)
-    finetune_steps: int = arg(20_000, "agent finetuning steps: BC, reward and continuation heads with the dynamics "
-                                      "loss continuing (Eq. 9)")
-    imagination_steps: int = arg(10_000, "imagination training steps of the policy and value heads (--steps in "
-                                         "train_policy.py)")
-    mtp_length: int = arg(8, "multi-token prediction: the policy and reward heads predict L steps ahead")
-    reward_bins: int = arg(255, "symexp two-hot bins of the reward and value heads, evenly spaced in symlog space")
-    reward_range: float = arg(20.0, "the two-hot bins span [-reward_range, reward_range] in symlog space (ours)")
-    imagination_context: int = arg(8, "real context frames before an imagined rollout")
-    imagination_horizon: int = arg(32, "imagined steps per rollout (H, ours)")
-    discount: float = arg(0.997, "gamma of the lambda-returns")
-    return_lambda: float = arg(0.95, "lambda of the lambda-returns (ours)")
-    pmpo_alpha: float = arg(0.5, "PMPO weight of the positive-advantage set (Eq. 11)")
-    pmpo_beta: float = arg(0.3, "weight of the reverse KL to the frozen behaviour-cloned policy (Eq. 11)")
-    policy_lr: float = arg(3e-4, "AdamW learning rate of the policy and value heads in imagination training")
-    eval_episodes: int = arg(20, "seeded real-env episodes per policy in an evaluation, every policy on the same "
-                                 "tracks (the standard protocol: SPEC Sec. 6)")
-    eval_max_episode_steps: int = arg(0, "time limit of evaluation episodes in env steps; 0 keeps the env's own, "
-                                         "the standard protocol (other values are for quick tests only)")
-    iterations: int = arg(0, "online loop (beyond the paper): after imagination training, this many rounds of "
-                             "collecting episodes with the policy, finetuning on the grown dataset and imagination "
-                             "training, each followed by an evaluation")
-    iteration_episodes: int = arg(10, "episodes collected with the policy in each online iteration")
-    explore_prob: float = arg(0.2, "online collection: probability per stream and step of acting with the random "
-                                   "explorer instead of the policy")
-    # optimization
-    batch_size: int = arg(32, "sequences per batch")
-    seq_len: int = arg(8, "frames per training sequence")
-    lr: float = arg(3e-4, "AdamW learning rate (after a linear warm-up)")
-    warmup_steps: int = arg(1000, "linear learning-rate warm-up steps")
-    cooldown: float = arg(0.2, "final fraction of each stage's steps over which the learning rate decays linearly "
-                               "to 0 (ours: warm-up, constant, decay); 0 keeps it constant")
-    weight_decay: float = arg(0.01, "AdamW weight decay")
-    grad_clip: float = arg(1.0, "gradient-norm clipping")
-    loss_floor: float = arg(0.1, "nats: the agent's likelihood terms (bc, reward, continuation) are divided by "
-                                 "max(running RMS, loss_floor), so a term that is nearly always ~0 is not scaled up")
-    eval_every: int = arg(2000, "evaluate (held-out PSNR, video) every n steps")
-    save_every: int = arg(1000, "write the checkpoint every n steps (and always at the end or on Ctrl-C)")
-    eval_sequences: int = arg(64, "held-out sequences per evaluation")
+    finetune_steps: int = arg(20_000, "finetuning steps: BC, reward and continuation heads, dynamics loss on (Eq. 9)",
+                              "agent")
+    imagination_steps: int = arg(10_000, "imagination training steps (--steps of train_policy.py)", "agent")
+    mtp_length: int = arg(8, "multi-token prediction: policy and reward heads predict L steps ahead", "agent")
+    reward_bins: int = arg(255, "two-hot bins of the reward and value heads, even in symlog space", "agent")
+    reward_range: float = arg(20.0, "the two-hot bins span [-this, this] in symlog space (ours)", "agent")
+    imagination_context: int = arg(8, "real context frames before an imagined rollout", "agent")
+    imagination_horizon: int = arg(32, "imagined steps per rollout (H, ours)", "agent")
+    discount: float = arg(0.997, "gamma of the lambda-returns", "agent")
+    return_lambda: float = arg(0.95, "lambda of the lambda-returns (ours)", "agent")
+    pmpo_alpha: float = arg(0.5, "PMPO weight of the positive-advantage set (Eq. 11)", "agent")
+    pmpo_beta: float = arg(0.3, "weight of the KL to the frozen behaviour-cloned policy (Eq. 11)", "agent")
+    policy_lr: float = arg(3e-4, "AdamW learning rate of the policy and value heads in imagination", "agent")
+    eval_episodes: int = arg(20, "seeded real-env episodes per policy evaluation, all policies on the same tracks",
+                             "agent")
+    eval_max_episode_steps: int = arg(0, "evaluation time limit in env steps; 0: the env's own (the standard "
+                                         "protocol; others only for quick tests)", "agent")
+    iterations: int = arg(0, "online rounds after imagination: collect with the policy, finetune, imagine "
+                             "(ours)", "agent")
+    iteration_episodes: int = arg(10, "episodes collected with the policy per online round", "agent")
+    explore_prob: float = arg(0.2, "online collection: per-step probability of acting with the explorer", "agent")
+    # optimization (every stage)
+    batch_size: int = arg(32, "sequences per batch", "optimization")
+    seq_len: int = arg(8, "frames per tokenizer training sequence (its causal window)", "tokenizer")
+    lr: float = arg(3e-4, "AdamW peak learning rate", "optimization")
+    warmup_steps: int = arg(1000, "steps of linear learning-rate warm-up", "optimization")
+    cooldown: float = arg(0.2, "final fraction of a stage's steps with the learning rate decaying to 0 (ours)",
+                          "optimization")
+    weight_decay: float = arg(0.01, "AdamW weight decay", "optimization")
+    grad_clip: float = arg(1.0, "gradient-norm clipping threshold", "optimization")
+    loss_floor: float = arg(0.1, "least RMS (nats) the agent's likelihood loss terms are divided by (ours)",
+                            "agent")
+    eval_every: int = arg(2000, "steps between evaluations (held-out scores, videos)", "optimization")
+    save_every: int = arg(1000, "steps between checkpoints (also at the end and on Ctrl-C)",
+                          "optimization")
+    eval_sequences: int = arg(64, "held-out sequences per evaluation", "optimization")
 
 
 PRESETS = {
@@ -181,22 +171,49 @@ class ConfigError(Exception):
     """A problem with the user's input (flags, files, env id): reported as one line, exit status 2."""
 
 
+GROUPS = {"run": "run", "data": "environment and data", "transformer": "transformer (tokenizer and dynamics)",
+          "tokenizer": "tokenizer (train_mae.py)", "dynamics": "dynamics (train_dynamics.py)",
+          "agent": "agent (train_policy.py)", "optimization": "optimization (every stage)"}
+SHOWN = {"mae": ["tokenizer", "run", "data", "transformer", "optimization"],   # --help order; the rest by name
+         "dynamics": ["dynamics", "run", "data", "transformer", "optimization"],
+         "policy": ["agent", "run", "data", "optimization"]}
+GROUP_SCRIPT = {"tokenizer": "train_mae.py", "transformer": "train_mae.py", "dynamics": "train_dynamics.py",
+                "agent": "train_policy.py"}
+
+
 def parse_config(stage, description, argv=None):
-    """The common CLI: every Config field is a flag; the preset fills what the command line leaves out."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--steps", type=int, default=argparse.SUPPRESS,
-                        help=f"training steps of this stage (sets --{STAGE_STEPS[stage].replace('_', '-')})")
+    """The common CLI: every Config field is a flag; the preset fills what the command line leaves out. --help
+    lists this stage's groups of flags, its own first, each flag with its default and the presets' values; the
+    other stages' flags, accepted so that one command line serves all three (run.py), are listed by name."""
+    parser = argparse.ArgumentParser(description=description, usage="%(prog)s [flags]",
+                                     formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+                                         prog, max_help_position=30, width=118))
+    shown = SHOWN[stage]
+    others = {name: [] for name in GROUPS if name not in shown}
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        by_preset = {name: p[f.name] for name, p in PRESETS.items() if f.name in p}
-        help = f.metadata["help"] + (f" (default {f.default}" + "".join(f"; {k} {v:g}" if isinstance(v, float)
-                                     else f"; {k} {v}" for k, v in by_preset.items()) + ")")
+        if f.metadata["stage"] in others:
+            others[f.metadata["stage"]].append("--" + f.name.replace("_", "-"))
+    groups = {name: parser.add_argument_group(GROUPS[name]) for name in shown}
+    for name, flags in others.items():
+        listed = textwrap.fill(f"{', '.join(flags)}: see python {GROUP_SCRIPT[name]} --help", 114,
+                               break_on_hyphens=False)
+        groups[name] = parser.add_argument_group(GROUPS[name], listed)
+    groups[shown[0]].add_argument("--steps", type=int, default=argparse.SUPPRESS, metavar="N", help=(
+        f"this stage's training steps (sets --{STAGE_STEPS[stage].replace('_', '-')})"))
+    for f in dataclasses.fields(Config):
+        flag, group = "--" + f.name.replace("_", "-"), groups[f.metadata["stage"]]
+        values = {"default": f.default, **{name: p[f.name] for name, p in PRESETS.items() if f.name in p}}
+        shown_values = "; ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v or repr(v)}"
+                                 for k, v in values.items())
+        help = argparse.SUPPRESS if f.metadata["stage"] in others else \
+            f"{f.metadata['help']} ({shown_values})".replace("%", "%%")
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         else:
             choices = {"preset": list(PRESETS), "device": ["auto", "cpu", "cuda"],
                        "wandb": ["online", "offline", "disabled"]}.get(f.name)
-            parser.add_argument(flag, type=f.type, default=argparse.SUPPRESS, choices=choices, help=help)
+            group.add_argument(flag, type=f.type, default=argparse.SUPPRESS, choices=choices, help=help,
+                               metavar=None if choices else {int: "N", float: "X", str: "S"}[f.type])
     given = vars(parser.parse_args(argv))
     if "steps" in given:
         given[STAGE_STEPS[stage]] = given.pop("steps")
@@ -511,10 +528,9 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def set_pixel_statistics(self, frames, std_floor=0.02):
-        """(ours) Per-pixel mean and std of training frames, uint8 (N, H, W, 3). CarRacing frames differ little
-        from their mean frame (pixel std ~0.05 across a batch); on raw pixels the decoder first learns that mean
-        frame and the latents collapse to a constant (measured: 19.8 dB after 500 steps, latents identical for
-        every input). Standardized, the part that varies is O(1) and the latents carry it."""
+        """(ours) Per-pixel mean and std of training frames, uint8 (N, H, W, 3), std floored at `std_floor`.
+        CarRacing frames differ little from their mean frame; standardized, the part that varies is O(1) and the
+        latents carry it instead of collapsing to a constant (docs/results.md)."""
         frames = torch.from_numpy(frames).to(self.pixel_mean.device).permute(0, 3, 1, 2).float() / 255
         self.pixel_mean.copy_(frames.mean(0))
         self.pixel_std.copy_(frames.std(0).clamp_min(std_floor))
@@ -599,11 +615,10 @@ class Dynamics(nn.Module):
         token_width = cfg.num_latents // cfg.latent_tokens * cfg.latent_dim
         embedding = lambda *shape: nn.Parameter(torch.randn(*shape) * 0.02)  # noqa: E731
         # actions: one embedding table per action dimension, summed with a learned base; "no action" is learned.
-        # Initialized at the scale of the other embeddings (nn.Embedding's N(0, 1) made every bin a large random
-        # vector that barely moved in training). With `ordered` (binned continuous dimensions) a bin starts as its
-        # value in [-1, 1] times a random direction plus noise, so that left and right steering start opposite and
-        # neighbouring bins alike (ours; the small preset's dreams then followed the steering's direction 2-6x more,
-        # see README). Still a plain lookup table that training may reshape.
+        # Started at the scale of the other embeddings, not nn.Embedding's N(0, 1). With `ordered` (binned
+        # continuous dimensions) a bin starts as its value in [-1, 1] times a random direction plus noise, so that
+        # left and right steering start opposite and neighbouring bins alike (ours; docs/results.md). Still a plain
+        # lookup table that training may reshape.
         self.action_tables = nn.ModuleList(nn.Embedding(n, dim) for n in action_bins)
         with torch.no_grad():
             for table in self.action_tables:
@@ -1088,7 +1103,7 @@ class RepeatAction(gym.Wrapper):
 
 def draws_each_step(env):
     """Whether env is gymnasium's CarRacing under wrappers that pass its frames on unchanged. Its step draws the
-    frame it returns, 97% of a step's time on a CPU, and action repeats and reset no-ops throw most frames away.
+    frame it returns, most of a step's time on a CPU, and action repeats and reset no-ops throw most frames away.
     Drawing only reads the car and the track, so skipping the unused ones leaves every kept frame as it was
     (tests/test_data.py compares both ways). Not in "human" render mode, which shows every frame."""
     base = env.unwrapped
@@ -1559,10 +1574,8 @@ def causal_windows(fn, x, window):
 def encode_dataset(tokenizer, dataset, window, device, batch=64, first_frame=0):
     """Latents (N - first_frame, N_latent, D_latent) float16 of every frame from first_frame (an episode start)
     on, with a progress bar. Each frame is encoded with the frames before it in its episode as context, at most
-    `window` in all (the tokenizer's training length), exactly as when acting (see causal_windows). Encoding
-    non-overlapping windows instead made a frame's latents depend on its place in the window: latents changed
-    almost twice as much across a window boundary as inside one (mean squared change 0.116 vs 0.060-0.072,
-    small preset), a jump the dynamics cannot predict."""
+    `window` in all (the tokenizer's training length), exactly as when acting (see causal_windows); not in
+    non-overlapping windows, whose boundaries make latents jump (docs/results.md)."""
     from tqdm import tqdm
 
     total = len(dataset.frames) - first_frame

@@ -82,14 +82,23 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
     assert f"no checkpoint at {tmp_path / 'tokenizer.pt'}" in line
 
 
-def test_help_explains_every_flag():
-    result = run("train_mae.py", "--help")
-    assert result.returncode == 0
-    text = " ".join(result.stdout.split())
-    for name in ["steps", *(f.name for f in d4.dataclasses.fields(d4.Config))]:
-        flag = "--" + name.replace("_", "-")
-        assert flag in text, flag
-    assert "tiny (seconds, for tests)" in text and "default 96; tiny 32; small 64" in text
+def test_help_lists_every_flag_with_the_stage_s_own_flags_first():
+    for script, own, steps in (("train_mae.py", "tokenizer", "default 50000; tiny 20; small 1000"),
+                               ("train_dynamics.py", "dynamics", "default 100000; tiny 20; small 3500"),
+                               ("train_policy.py", "agent", "default 10000; tiny 10; small 300")):
+        result = run(script, "--help")
+        assert result.returncode == 0
+        text = " ".join(result.stdout.split())
+        for name in ["steps", *(f.name for f in d4.dataclasses.fields(d4.Config))]:
+            flag = "--" + name.replace("_", "-")
+            assert flag in text, (script, flag)
+        lines = result.stdout.splitlines()
+        groups = [line for line in lines[lines.index("options:") + 1:] if line and not line.startswith(" ")]
+        assert groups[0].startswith(own), (script, groups)
+        assert steps in text   # the stage's own flags show the default and each preset's value
+        assert "tiny (seconds, for tests)" in text and "default 96; tiny 32; small 64" in text
+        if script == "train_mae.py":
+            assert len(result.stdout) < 6000
 
 
 def test_train_mae_runs_on_multi_car_racing(tmp_path):
