@@ -1469,8 +1469,9 @@ def collect_random(cfg, data_dir):
             env_actions = bins.to_env(actions).reshape(num_envs, *envs.single_action_space.shape)
             obs, reward, terminated, truncated, info = envs.step(env_actions)
             frames = obs.reshape(num_envs * per_env, *obs.shape[-3:])
-            if per_env > 1:
-                reward, terminated = info["stream_reward"], info["stream_terminated"]
+            if per_env > 1:   # absent when every env restarts in this step (NEXT_STEP autoreset: reset infos)
+                reward = info.get("stream_reward", np.zeros((num_envs, per_env), np.float32))
+                terminated = info.get("stream_terminated", np.zeros((num_envs, per_env), bool))
             reward, terminated = reward.reshape(num_envs, per_env), terminated.reshape(num_envs, per_env)
             before = collected
             for e in range(num_envs):

@@ -110,6 +110,14 @@ def test_multi_car_collection_stores_each_car_as_its_own_episode(tiny_cfg, tmp_p
     assert sum(len(e["rewards"]) for e in episodes) >= cfg.collect_frames
 
 
+def test_multi_car_collection_continues_past_episodes_the_time_limit_ends_in_every_env_at_once(tiny_cfg, tmp_path):
+    cfg = dataclasses.replace(tiny_cfg, env="MultiCarRacing-v0", num_envs=2, max_episode_steps=30, collect_frames=120)
+    d4.collect_random(cfg, tmp_path)
+    episodes = [np.load(f) for f in d4.episode_files(tmp_path)]
+    full = [e for e in episodes if len(e["rewards"]) == 1 + (30 - 4) // 2]   # reset frame + one per 2-step action
+    assert len(full) >= 4 and all(e["truncated"][-1] and not e["terminated"].any() for e in full)
+
+
 def test_evaluation_drives_every_car_with_the_same_policy_and_reports_each_return(tiny_cfg):
     cfg = tiny_cfg.__class__(**{**vars(tiny_cfg), "env": "MultiCarRacing-v0", "max_episode_steps": 60})
 
