@@ -944,11 +944,12 @@ class Agent(nn.Module):
         return losses
 
     @torch.no_grad()
-    def imagine(self, latents, actions, horizon, steps, generator=None):
+    def imagine(self, latents, actions, horizon, steps, generator=None, replay=None):
         """Rollouts inside the world model from real context windows, latents (B, C, N, Dl) and actions
         (B, C, dims): the policy samples a_t from the agent token of frame t, the dynamics generate z_{t+1} with
         `steps` shortcut steps into block t+1 = (a_t, z_{t+1}), whose heads give r_{t+1} and c_{t+1}; KV cache
-        throughout, in bf16 autocast on CUDA as when finetuning and acting. Returns features (B, H + 1, D) of
+        throughout, in bf16 autocast on CUDA as when finetuning and acting. replay (B, H, dims): take these actions
+        instead of the policy's (e.g. real ones, to score the dream against reality). Returns features (B, H + 1, D) of
         frames 0..H (0 = the last context frame), actions (B, H, dims), rewards and continues (B, H) of frames
         1..H, latents (B, H, N, Dl)."""
         with autocast(latents.device):
@@ -957,8 +958,9 @@ class Agent(nn.Module):
             cache = KVCache(self.window)
             features = [self.dynamics.observe(cache, latents, actions, noise(c), agent=True)[:, -1].float()]
             chosen, frames = [], []
-            for _ in range(horizon):
-                action = sample_actions(self.heads.policy_logits(features[-1], distance=0), generator)[:, None]
+            for t in range(horizon):
+                action = (replay[:, t:t + 1] if replay is not None else
+                          sample_actions(self.heads.policy_logits(features[-1], distance=0), generator)[:, None])
                 z = self.dynamics.denoise(cache, action, noise(1), steps, agent=True)
                 features.append(self.dynamics.observe(cache, z, action, noise(1), agent=True)[:, 0].float())
                 chosen.append(action[:, 0])
@@ -1009,9 +1011,9 @@ class Agent(nn.Module):
         prior = self.heads.policy_logits(features[:, :-1], prior=True, distance=0)
         kl = kl_divergence(logits, prior).mean()
         entropy = -sum((l.float().softmax(-1) * l.float().log_softmax(-1)).sum(-1) for l in logits).mean()
+        explained = 1 - (returns - values[:, :-1]).var() / returns.var().clamp_min(1e-8)
         diagnostics = dict(advantage_positive=positive.mean(), advantage_mean=advantages.mean(),
-                           value_explained_variance=1 - (returns - values[:, :-1]).var() / returns.var().clamp_min(1e-8),
-                           policy_entropy=entropy, prior_kl=kl)
+                           value_explained_variance=explained, policy_entropy=entropy, prior_kl=kl)
         return {"policy": pmpo + self.beta * kl, "value": value}, diagnostics
 
 
@@ -1670,6 +1672,30 @@ def prior_quality(agent, dataset, latents, action_bins, bins, cfg, device):
     valid = ((targets >= 0) & (previous >= 0)).all(-1).cpu()
     return {name: value.cpu()[valid].mean().item() for name, value in
             (("prior_nll", nll), ("marginal_nll", marginal), ("repeat_nll", repeat))}
+
+
+def correlation(x, y):
+    """Pearson correlation of two 1-D tensors (0 where either is constant)."""
+    x, y = x.float() - x.float().mean(), y.float() - y.float().mean()
+    return ((x * y).sum() / (x.norm() * y.norm()).clamp_min(1e-8)).item()
+
+
+def reward_calibration(agent, dataset, latents, action_bins, cfg, device):
+    """The reward head against real rewards on held-out windows: per frame, read from the real frames
+    (reward_real_bias: mean predicted minus real; reward_real_corr: their correlation), and summed over
+    eval_horizon frames dreamed from imagination_context real ones with the real actions replayed
+    (reward_replay_bias, reward_replay_corr across windows)."""
+    c, h = cfg.imagination_context, cfg.eval_horizon
+    index = dataset.sample_index(cfg.eval_sequences, c + h, "eval", np.random.default_rng(cfg.seed + 1))
+    batch = latent_batch(dataset, latents, action_bins, index, device)
+    with torch.no_grad():
+        predicted = agent.heads.predicted_reward(agent.features(batch["latents"], batch["actions"]))
+        replayed = agent.imagine(batch["latents"][:, :c], batch["actions"][:, :c], h, cfg.sampling_steps,
+                                 torch.Generator(device).manual_seed(cfg.seed), replay=batch["actions"][:, c:])
+    real, dreamed = batch["rewards"][:, c:].sum(1), replayed["rewards"].sum(1)
+    return dict(reward_real_bias=(predicted - batch["rewards"]).mean().item(),
+                reward_real_corr=correlation(predicted.flatten(), batch["rewards"].flatten()),
+                reward_replay_bias=(dreamed - real).mean().item(), reward_replay_corr=correlation(dreamed, real))
 
 
 def frames_to_uint8(frames):

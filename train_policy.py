@@ -92,8 +92,8 @@ def main():
         logger.log(step, iteration=iteration, **summary)
         video = logger.video(step, [first["eval"]], name="policy_real")
         bar.write(f"iteration {iteration}: return over {cfg.eval_episodes} episodes, trained "
-                  f"{summary['eval_return']:.1f} +- {summary['eval_return_se']:.1f}, BC prior {summary['bc_return']:.1f}"
-                  f" +- {summary['bc_return_se']:.1f}, random explorer {summary['random_return']:.1f} +- "
+                  f"{summary['eval_return']:.1f} +- {summary['eval_return_se']:.1f}, BC prior "
+                  f"{summary['bc_return']:.1f} +- {summary['bc_return_se']:.1f}, random explorer {summary['random_return']:.1f} +- "
                   f"{summary['random_return_se']:.1f} (standard errors); {video}")
         agent.train()
 
@@ -121,12 +121,14 @@ def main():
         progress.update(collect_start=None, collected=iteration)
         dataset, latents, _, action_bins = d4.world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device)
 
-    def log_prior_quality(step):
+    def log_diagnostics(step):   # the finetuned heads on held-out data
         agent.eval()
         scores = d4.prior_quality(agent, dataset, latents, action_bins, bins, cfg, device)
-        logger.log(step, **scores)
-        bar.write("BC prior, next-action NLL on held-out windows (nats): " +
-                  ", ".join(f"{name} {value:.3f}" for name, value in scores.items()))
+        calibration = d4.reward_calibration(agent, dataset, latents, action_bins, cfg, device)
+        logger.log(step, **scores, **calibration)
+        bar.write("held-out windows: BC prior next-action NLL (nats) " +
+                  ", ".join(f"{name} {value:.3f}" for name, value in scores.items()) + "; reward head " +
+                  ", ".join(f"{name} {value:+.3f}" for name, value in calibration.items()))
         agent.train()
 
     logger = d4.Logger(cfg, "policy")
@@ -153,7 +155,7 @@ def main():
             else:
                 if within == cfg.finetune_steps:
                     agent.heads.freeze_prior()   # the behaviour-cloned policy: PMPO's prior
-                    log_prior_quality(progress["step"])
+                    log_diagnostics(progress["step"])
                 batch = sample(cfg.batch_size, cfg.imagination_context, rng)
                 rollout = agent.imagine(batch["latents"], batch["actions"], cfg.imagination_horizon,
                                         cfg.sampling_steps, generator)

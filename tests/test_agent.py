@@ -267,3 +267,12 @@ def test_action_baselines_of_the_prior_on_hand_made_actions():
     torch.testing.assert_close(marginal, torch.tensor([-math.log(p1), -math.log(p0)]), check_dtype=False)
     torch.testing.assert_close(repeat, torch.tensor([-math.log(r + (1 - r) * p1), -math.log((1 - r) * p0)]),
                                check_dtype=False)
+
+
+def test_replayed_imagination_takes_the_given_actions(agent, tiny_cfg):
+    latents, actions = random_inputs(tiny_cfg, b=3, t=2)
+    replay = torch.stack([torch.randint(0, n, (3, 4)) for n in BINS], dim=-1)
+    rollout = agent.imagine(latents, actions, horizon=4, steps=2, replay=replay)
+    assert torch.equal(rollout["actions"], replay)
+    assert d4.correlation(torch.tensor([1.0, 2, 3]), torch.tensor([2.0, 4, 7])) == pytest.approx(
+        np.corrcoef([1, 2, 3], [2, 4, 7])[0, 1], rel=1e-5)

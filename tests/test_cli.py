@@ -160,6 +160,7 @@ def test_train_policy_evaluates_resumes_and_improves_online(tiny_run):
     assert keyed("imagined_return") and {r["phase"] for r in keyed("bc")} == {"finetune"}
     assert [r["step"] for r in keyed("prior_nll")] == [4, 12]   # at each freeze of the prior, with its baselines
     assert all(0 < r[k] < 20 for r in keyed("prior_nll") for k in ("prior_nll", "marginal_nll", "repeat_nll"))
+    assert all(-1 <= r[k] <= 1 for r in keyed("prior_nll") for k in ("reward_real_corr", "reward_replay_corr"))
     assert all(0 <= r["advantage_positive"] <= 1 and r["policy_entropy"] > 0 for r in keyed("advantage_positive"))
     assert (run_dir / "videos" / "policy_real_0000016.mp4").exists()
     assert (run_dir / "videos" / "policy_imagined_0000008.mp4").exists()
@@ -177,7 +178,8 @@ def test_evaluate_logs_the_standard_protocol_and_matches_training(tiny_run):
     assert result.returncode == 0, result.stderr
     assert "trained minus random" in result.stdout and "trained minus uniform" in result.stdout
     line = json.loads(open(run_dir / "metrics.jsonl").readlines()[-1])
-    assert line["stage"] == "evaluate" and line["episodes"] == 2 and line["policies"] == ["trained", "random", "uniform"]
+    assert line["stage"] == "evaluate" and line["episodes"] == 2
+    assert line["policies"] == ["trained", "random", "uniform"]
     for key in ("eval", "random", "uniform"):
         assert np.isfinite([line[f"{key}_return"], line[f"{key}_return_se"]]).all()
     assert line["trained_minus_random"] == pytest.approx(line["eval_return"] - line["random_return"])
