@@ -1380,6 +1380,11 @@ def evaluation_policies(names, agent, tokenizer, bins, cfg, device, seed, greedy
     return {name: make[name]() for name in names}
 
 
+def evaluation_config(cfg):
+    """cfg with the evaluation's time limit: the env's own unless eval_max_episode_steps (quick tests)."""
+    return dataclasses.replace(cfg, max_episode_steps=cfg.eval_max_episode_steps)
+
+
 def evaluate_policies(cfg, policies, episodes, seed, render_mode=None):
     """The standard protocol (SPEC Sec. 6): each policy plays the same `episodes` seeded episodes under the env's
     own time limit (unless cfg.eval_max_episode_steps), every reward counted, the reset no-ops included. Returns
@@ -1387,7 +1392,7 @@ def evaluate_policies(cfg, policies, episodes, seed, render_mode=None):
     episode's frames (T, H, W, 3) of its first agent."""
     from tqdm import tqdm
 
-    cfg = dataclasses.replace(cfg, max_episode_steps=cfg.eval_max_episode_steps)
+    cfg = evaluation_config(cfg)
     returns, first = {}, {}
     with tqdm(total=episodes * len(policies), desc="evaluate", unit="episode", leave=False) as bar:
         for name, policy in policies.items():
@@ -1399,6 +1404,76 @@ def evaluate_policies(cfg, policies, episodes, seed, render_mode=None):
                 bar.update(1)
             returns[name] = np.array(played)
     return returns, first
+
+
+def macro_actions(bins, env_id):
+    """Constant actions for branch_test, name -> action values (dims,): CarRacing's gas, brake, left and right; for a
+    Discrete space each action (at most 8); for other Boxes each dimension at either bound, the others at 0."""
+    if bins.continuous and "CarRacing" in env_id and bins.dims == 3:
+        return dict(gas=[0, 1, 0], brake=[0, 0, 0.8], left=[-1, 0.5, 0], right=[1, 0.5, 0])
+    if not bins.continuous:
+        return {str(a): [a] for a in range(min(bins.bins[0], 8))}
+    return {f"{i}{end}": [bound if j == i else 0.0 for j in range(bins.dims)]
+            for i in range(bins.dims) for end, bound in (("-", bins.low[i]), ("+", bins.high[i]))}
+
+
+def branch_test(agent, tokenizer, bins, cfg, device, contexts=8, prefix=24, horizon=8, seed=0):
+    """Does imagination rank actions as reality does? From `contexts` real states of a single-agent env (seeded
+    resets, then `prefix` >= imagination_context random-explorer steps), each macro action (macro_actions) is held
+    for `horizon` steps in the real env (replaying seed and prefix: the env is deterministic) and in imagination
+    (from the last imagination_context real frames, the same actions replayed). Returns branch_agreement: over the
+    pairs of macro actions whose real returns differ by more than 0.1, the fraction whose imagined returns are in
+    the same order (chance: 0.5); and branch_pairs, their number."""
+    macros = np.stack([bins.to_bins(np.asarray(value, np.float64)) for value in macro_actions(bins, cfg.env).values()])
+    c, m = cfg.imagination_context, len(macros)
+    env = make_env(cfg)
+
+    def play(k, actions):   # frames and rewards of a seeded episode under the given bin indices
+        obs, _ = env.reset(seed=seed + k)
+        frames, rewards = [obs], []
+        for action in actions:
+            obs, reward, terminated, truncated, _ = env.step(bins.to_env(bins.from_bins(action[None]))[0])
+            frames.append(obs), rewards.append(reward)
+            if terminated or truncated:
+                break
+        return frames, rewards
+
+    real, contexts_frames, contexts_actions = [], [], []
+    try:
+        for k in range(contexts):
+            explorer = RandomExplorer(bins, np.random.default_rng(seed + k), rest=explore_rest(cfg, bins.dims))
+            explorer.reset(1)
+            plan = [explorer()[0] for _ in range(prefix)]
+            frames, _ = play(k, plan)
+            if len(frames) < prefix + 1:   # the episode ended during the prefix
+                continue
+            real.append([sum(play(k, plan + [macro] * horizon)[1][prefix:]) for macro in macros])
+            contexts_frames.append(np.stack(frames[-c:]))
+            contexts_actions.append(np.stack(plan[-c:]))   # frame t of the context was led to by plan[t - 1]
+    finally:
+        env.close()
+    n = len(real)
+    if n == 0:
+        return dict(branch_agreement=None, branch_pairs=0)
+    with torch.no_grad(), autocast(device):
+        latents = causal_windows(tokenizer.encode, frames_to_tensor(np.stack(contexts_frames), device),
+                                 tokenizer.window).float()
+    replay = torch.from_numpy(macros)[:, None].expand(m, horizon, -1).repeat(n, 1, 1).to(device)   # (n M, H, dims)
+    rollout = agent.imagine(latents.repeat_interleave(m, 0),
+                            torch.from_numpy(np.stack(contexts_actions)).to(device).repeat_interleave(m, 0),
+                            horizon, cfg.sampling_steps, torch.Generator(device).manual_seed(seed), replay=replay)
+    agreement, pairs = rank_agreement(np.array(real), rollout["rewards"].sum(1).view(n, m).cpu().numpy())
+    return dict(branch_agreement=agreement, branch_pairs=pairs)
+
+
+def rank_agreement(real, imagined, tolerance=0.1):
+    """real and imagined returns (contexts, actions) -> the fraction of the pairs of actions of a context whose real
+    returns differ by more than `tolerance` that the imagined ones order the same way (None without such pairs),
+    and the number of those pairs."""
+    i, j = np.triu_indices(real.shape[1], 1)
+    differ = np.abs(real[:, i] - real[:, j]) > tolerance
+    same = np.sign(real[:, i] - real[:, j]) == np.sign(imagined[:, i] - imagined[:, j])
+    return (float(same[differ].mean()) if differ.any() else None), int(differ.sum())
 
 
 def mean_and_se(values):

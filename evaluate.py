@@ -34,6 +34,9 @@ def parse_args(argv=None):
                         help=f"episode seeds are seed + {d4.EVAL_SEED}, ... (default: the run's seed, as in training)")
     parser.add_argument("--max-episode-steps", type=int, default=0,
                         help="time limit in env steps; 0 keeps the env's own, the standard protocol (default 0)")
+    parser.add_argument("--branches", type=int, default=8,
+                        help="real states for the branch test (does imagination rank macro actions as reality does?"
+                             "); 0 skips it (default 8)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
     args = parser.parse_args(argv)
     names = [name for name in args.policies.split(",") if name]
@@ -41,8 +44,8 @@ def parse_args(argv=None):
     if unknown or not names:
         raise d4.ConfigError(f"--policies takes trained, bc, random and/or uniform, comma-separated, not "
                              f"'{args.policies}'")
-    if args.episodes < 1 or args.max_episode_steps < 0:
-        raise d4.ConfigError("--episodes must be >= 1 and --max-episode-steps >= 0")
+    if args.episodes < 1 or args.max_episode_steps < 0 or args.branches < 0:
+        raise d4.ConfigError("--episodes must be >= 1, --max-episode-steps and --branches >= 0")
     return args, names
 
 
@@ -62,6 +65,9 @@ def main():
                                       args.greedy)
     returns, first = d4.evaluate_policies(cfg, policies, args.episodes, seed, args.render)
     summary = d4.evaluation_summary(returns)
+    if args.branches:
+        summary.update(d4.branch_test(agent, tokenizer, bins, d4.evaluation_config(cfg), device, args.branches,
+                                      seed=seed))
     logger = d4.Logger(cfg, "evaluate")
     for name in names:
         key = POLICIES[name]
@@ -72,6 +78,9 @@ def main():
         print(line)
         if args.video:
             print(f"          {logger.video(0, [first[key]], name=f'evaluate_{name}')}")
+    if summary.get("branch_pairs"):
+        print(f"branch test: imagination orders {summary['branch_agreement']:.2f} of {summary['branch_pairs']} pairs "
+              "of macro actions as reality does (chance 0.5)")
     print(f"{args.episodes} episodes per policy, seeds {seed}..{seed + args.episodes - 1}, standard errors; "
           f"appended to {logger.path}")
     logger.log(state["progress"]["step"], policies=names, greedy=args.greedy, seed=seed, **summary)

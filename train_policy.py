@@ -89,6 +89,7 @@ def main():
         if "baselines" not in progress:
             progress["baselines"] = {name: returns[name].tolist() for name in ("random", "bc")}
         summary = d4.evaluation_summary({"eval": returns["eval"], **progress["baselines"]})
+        summary.update(d4.branch_test(agent, tokenizer, bins, d4.evaluation_config(cfg), device, seed=seed))
         logger.log(step, iteration=iteration, **summary)
         video = logger.video(step, [first["eval"]], name="policy_real")
         bar.write(f"iteration {iteration}: return over {cfg.eval_episodes} episodes, trained "

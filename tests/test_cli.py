@@ -174,7 +174,7 @@ def test_evaluate_logs_the_standard_protocol_and_matches_training(tiny_run):
         test_train_policy_evaluates_resumes_and_improves_online(tiny_run)
     trained = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"eval_return"' in line][-1]
     result = run("evaluate.py", "--run-dir", str(run_dir), "--episodes", "2", "--max-episode-steps", "30",
-                 "--policies", "trained,random,uniform", "--video")
+                 "--policies", "trained,random,uniform", "--video", "--branches", "2")
     assert result.returncode == 0, result.stderr
     assert "trained minus random" in result.stdout and "trained minus uniform" in result.stdout
     line = json.loads(open(run_dir / "metrics.jsonl").readlines()[-1])
@@ -185,7 +185,7 @@ def test_evaluate_logs_the_standard_protocol_and_matches_training(tiny_run):
     assert line["trained_minus_random"] == pytest.approx(line["eval_return"] - line["random_return"])
     assert line["eval_return"] == trained["eval_return"] and line["random_return"] == trained["random_return"]
     assert (run_dir / "videos" / "evaluate_trained_0000000.mp4").exists()
-    assert "bc_return" not in line
+    assert "bc_return" not in line and "branch_agreement" in line and "branch_pairs" in line
 
 
 def test_evaluate_refuses_bad_input_in_one_line(tiny_run, tmp_path):

@@ -6,6 +6,7 @@ import math
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 import dreamer4 as d4
 
@@ -78,3 +79,24 @@ def test_every_policy_plays_the_same_tracks(tiny_cfg):
     assert np.array_equal(returns["a"], returns["b"]) and np.array_equal(first["a"], first["b"])
     other, _ = d4.evaluate_policies(cfg, {"a": Scripted(straight)}, 3, seed=12)
     assert not np.array_equal(other["a"], returns["a"])
+
+
+def test_rank_agreement_counts_the_pairs_imagination_orders_as_reality_does():
+    real = np.array([[1.0, 2.0, 3.0], [0.0, 0.05, 5.0]])       # context 2: its first pair is a tie
+    imagined = np.array([[0.1, 0.3, 0.2], [9.0, 0.0, 1.0]])
+    # context 1: (1,2) same, (1,3) same, (2,3) flipped; context 2: (1,3) flipped, (2,3) same
+    assert d4.rank_agreement(real, imagined) == (3 / 5, 5)
+    assert d4.rank_agreement(real, real) == (1.0, 5) and d4.rank_agreement(real, -real) == (0.0, 5)
+
+
+def test_the_branch_test_plays_each_macro_action_from_the_same_real_states(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, imagination_context=2, eval_max_episode_steps=0)
+    bins = d4.env_action_bins(cfg)
+    assert list(d4.macro_actions(bins, cfg.env)) == ["gas", "brake", "left", "right"]
+    torch.manual_seed(0)
+    agent, tokenizer = d4.Agent(cfg, bins.bins).eval(), d4.Tokenizer(cfg).eval()
+    run = lambda: d4.branch_test(agent, tokenizer, bins, cfg, torch.device("cpu"), contexts=2, prefix=3,  # noqa
+                                 horizon=6)
+    first = run()
+    assert first["branch_pairs"] > 0 and 0 <= first["branch_agreement"] <= 1   # gas and brake part ways
+    assert run() == first   # seeded states and dreams: the same numbers again
