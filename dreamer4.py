@@ -1417,15 +1417,17 @@ def macro_actions(bins, env_id):
             for i in range(bins.dims) for end, bound in (("-", bins.low[i]), ("+", bins.high[i]))}
 
 
-def branch_test(agent, tokenizer, bins, cfg, device, contexts=8, prefix=24, horizon=8, seed=0):
+def branch_test(agent, tokenizer, bins, cfg, device, contexts=16, prefix=None, horizon=8, seed=0):
     """Does imagination rank actions as reality does? From `contexts` real states of a single-agent env (seeded
-    resets, then `prefix` >= imagination_context random-explorer steps), each macro action (macro_actions) is held
+    resets, then `prefix` >= imagination_context random-explorer steps, by default imagination_context: later the
+    explorer has often left the track, where every action scores the same), each macro action (macro_actions) is held
     for `horizon` steps in the real env (replaying seed and prefix: the env is deterministic) and in imagination
     (from the last imagination_context real frames, the same actions replayed). Returns branch_agreement: over the
     pairs of macro actions whose real returns differ by more than 0.1, the fraction whose imagined returns are in
     the same order (chance: 0.5); and branch_pairs, their number."""
     macros = np.stack([bins.to_bins(np.asarray(value, np.float64)) for value in macro_actions(bins, cfg.env).values()])
     c, m = cfg.imagination_context, len(macros)
+    prefix = prefix or c
     env = make_env(cfg)
 
     def play(k, actions):   # frames and rewards of a seeded episode under the given bin indices

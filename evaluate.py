@@ -34,9 +34,9 @@ def parse_args(argv=None):
                         help=f"episode seeds are seed + {d4.EVAL_SEED}, ... (default: the run's seed, as in training)")
     parser.add_argument("--max-episode-steps", type=int, default=0,
                         help="time limit in env steps; 0 keeps the env's own, the standard protocol (default 0)")
-    parser.add_argument("--branches", type=int, default=8,
+    parser.add_argument("--branches", type=int, default=16,
                         help="real states for the branch test (does imagination rank macro actions as reality does?"
-                             "); 0 skips it (default 8)")
+                             "); 0 skips it (default 16)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
     args = parser.parse_args(argv)
     names = [name for name in args.policies.split(",") if name]
