@@ -1290,6 +1290,11 @@ class RandomExplorer:
         return self.indices.copy()
 
 
+def random_explorer(bins, cfg, seed):
+    """The random explorer that collects the data (RandomExplorer with --explore-rest), seeded."""
+    return RandomExplorer(bins, np.random.default_rng(seed), rest=explore_rest(cfg, bins.dims))
+
+
 def explore_rest(cfg, dims):
     """Per-dimension rest probabilities of the random explorer from --explore-rest ('auto': see Config)."""
     if cfg.explore_rest == "auto":
@@ -1375,7 +1380,7 @@ def evaluation_policies(names, agent, tokenizer, bins, cfg, device, seed, greedy
     random explorer that collected the data), uniform (uniform over the action bins, drawn anew every step)."""
     make = dict(eval=lambda: AgentPolicy(agent, tokenizer, tokenizer.window, device, seed=seed, greedy=greedy),
                 bc=lambda: AgentPolicy(agent, tokenizer, tokenizer.window, device, True, seed, greedy=greedy),
-                random=lambda: RandomExplorer(bins, np.random.default_rng(seed), rest=explore_rest(cfg, bins.dims)),
+                random=lambda: random_explorer(bins, cfg, seed),
                 uniform=lambda: RandomExplorer(bins, np.random.default_rng(seed), max_hold=1))
     return {name: make[name]() for name in names}
 
@@ -1422,9 +1427,11 @@ def branch_test(agent, tokenizer, bins, cfg, device, contexts=16, prefix=None, h
     resets, then `prefix` >= imagination_context random-explorer steps, by default imagination_context: later the
     explorer has often left the track, where every action scores the same), each macro action (macro_actions) is held
     for `horizon` steps in the real env (replaying seed and prefix: the env is deterministic) and in imagination
-    (from the last imagination_context real frames, the same actions replayed). Returns branch_agreement: over the
+    (from the last imagination_context real frames, the same actions replayed); episodes under the evaluation's
+    time limit (evaluation_config). Returns branch_agreement: over the
     pairs of macro actions whose real returns differ by more than 0.1, the fraction whose imagined returns are in
     the same order (chance: 0.5); and branch_pairs, their number."""
+    cfg = evaluation_config(cfg)
     macros = np.stack([bins.to_bins(np.asarray(value, np.float64)) for value in macro_actions(bins, cfg.env).values()])
     c, m = cfg.imagination_context, len(macros)
     prefix = prefix or c
@@ -1443,7 +1450,7 @@ def branch_test(agent, tokenizer, bins, cfg, device, contexts=16, prefix=None, h
     real, contexts_frames, contexts_actions = [], [], []
     try:
         for k in range(contexts):
-            explorer = RandomExplorer(bins, np.random.default_rng(seed + k), rest=explore_rest(cfg, bins.dims))
+            explorer = random_explorer(bins, cfg, seed + k)
             explorer.reset(1)
             plan = [explorer()[0] for _ in range(prefix)]
             frames, _ = play(k, plan)
@@ -1530,7 +1537,7 @@ def collect_random(cfg, data_dir):
     envs = vector([lambda: make_env(cfg)] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     per_env = envs.single_observation_space.shape[0] if len(envs.single_observation_space.shape) == 4 else 1
     bins = ActionBins(stream_action_space(envs.single_action_space, envs.single_observation_space), cfg.action_bins)
-    explorer = RandomExplorer(bins, np.random.default_rng([cfg.seed, len(files)]), rest=explore_rest(cfg, bins.dims))
+    explorer = random_explorer(bins, cfg, [cfg.seed, len(files)])
     explorer.reset(num_envs * per_env)
     obs, _ = envs.reset(seed=cfg.seed * 100_000 + len(files))
 

@@ -66,8 +66,7 @@ def main():
     returns, first = d4.evaluate_policies(cfg, policies, args.episodes, seed, args.render)
     summary = d4.evaluation_summary(returns)
     if args.branches:
-        summary.update(d4.branch_test(agent, tokenizer, bins, d4.evaluation_config(cfg), device, args.branches,
-                                      seed=seed))
+        summary.update(d4.branch_test(agent, tokenizer, bins, cfg, device, args.branches, seed=seed))
     logger = d4.Logger(cfg, "evaluate")
     for name in names:
         key = POLICIES[name]

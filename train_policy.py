@@ -89,7 +89,7 @@ def main():
         if "baselines" not in progress:
             progress["baselines"] = {name: returns[name].tolist() for name in ("random", "bc")}
         summary = d4.evaluation_summary({"eval": returns["eval"], **progress["baselines"]})
-        summary.update(d4.branch_test(agent, tokenizer, bins, d4.evaluation_config(cfg), device, seed=seed))
+        summary.update(d4.branch_test(agent, tokenizer, bins, cfg, device, seed=seed))
         logger.log(step, iteration=iteration, **summary)
         video = logger.video(step, [first["eval"]], name="policy_real")
         bar.write(f"iteration {iteration}: return over {cfg.eval_episodes} episodes, trained "
@@ -107,9 +107,8 @@ def main():
         agent.eval()
         start, played = progress["collect_start"], progress["collect_played"]
         seed = cfg.seed + COLLECT_SEED + start + played
-        random_explorer = d4.RandomExplorer(bins, np.random.default_rng(seed), rest=d4.explore_rest(cfg, bins.dims))
-        explorer = d4.AgentPolicy(agent, tokenizer, tokenizer.window, device, seed=seed, explorer=random_explorer,
-                                  explore_prob=cfg.explore_prob)
+        explorer = d4.AgentPolicy(agent, tokenizer, tokenizer.window, device, seed=seed,
+                                  explorer=d4.random_explorer(bins, cfg, seed), explore_prob=cfg.explore_prob)
         for streams in d4.play_episodes(cfg, explorer, cfg.iteration_episodes - played, seed):
             files = len(d4.episode_files(run_dir / "data"))
             for i, stream in enumerate(streams):
