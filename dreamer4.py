@@ -17,9 +17,11 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import textwrap
-from contextlib import contextmanager, nullcontext
+import warnings
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,9 +36,15 @@ from torch.utils.checkpoint import checkpoint
 # ==================================================================================================================
 # 1. Configuration, presets and the common command line
 # ==================================================================================================================
-def arg(default, help, stage):
-    """A Config field: its default, its one-line --help text and the --help group (stage) it is listed under."""
-    return field(default=default, metadata={"help": help, "stage": stage})
+def arg(default, help, stage, check=None):
+    """A Config field: its default, its one-line --help text, the --help group (stage) it is listed under and the
+    range a number must lie in (a key of CHECKS; parse_config refuses others)."""
+    return field(default=default, metadata={"help": help, "stage": stage, "check": check})
+
+
+CHECKS = {">=0": (lambda x: x >= 0, ">= 0"), ">=1": (lambda x: x >= 1, ">= 1"), ">=2": (lambda x: x >= 2, ">= 2"),
+          ">0": (lambda x: x > 0, "> 0"), "[0,1]": (lambda x: 0 <= x <= 1, "in [0, 1]"),
+          "[0,1)": (lambda x: 0 <= x < 1, "in [0, 1)"), "(0,1)": (lambda x: 0 < x < 1, "in (0, 1)")}
 
 
 @dataclass
@@ -45,103 +53,118 @@ class Config:
     (ours) marks values the paper leaves open; docs/results.md has the measurements behind them."""
     # run
     env: str = arg("CarRacing-v3", "gymnasium env id (pixel observations, or rendered frames)", "run")
+    env_kwargs: str = arg("{}", "gymnasium.make keywords as JSON, e.g. '{\"continuous\": false}'", "run")
     run_dir: str = arg("runs/carracing", "directory every stage of one run reads and writes", "run")
     preset: str = arg("default", "tiny (seconds, for tests) | small (2-core CPU) | default (one GPU, 96x96)", "run")
     device: str = arg("auto", "where to run", "run")
     compile: str = arg("", "stages whose training loss is torch.compiled: mae,dynamics (ours)", "run")
-    seed: int = arg(0, "seed of the envs, sampling and initialization", "run")
+    seed: int = arg(0, "seed of the envs, sampling and initialization", "run", check=">=0")
     wandb: str = arg("offline", "wandb mode (disabled: wandb is not imported)", "run")
     resume: bool = arg(False, "continue the stage's checkpoint (without: refuse to overwrite it)", "run")
-    mae_steps: int = arg(50_000, "tokenizer training steps (--steps of train_mae.py)", "tokenizer")
+    mae_steps: int = arg(50_000, "tokenizer training steps", "tokenizer", check=">=1")
     # environment and data
-    image_size: int = arg(96, "frame side in pixels after resizing (cv2.INTER_AREA)", "data")
-    action_repeat: int = arg(2, "env steps per action, rewards summed (ours)", "data")
+    image_size: int = arg(96, "frame side in pixels after resizing", "data", check=">=1")
+    action_repeat: int = arg(2, "env steps per action, rewards summed (ours)", "data", check=">=1")
     zoom_skip: int = arg(50, "no-op env steps after a CarRacing reset (its zoom-in)",
-                         "data")
-    max_episode_steps: int = arg(0, "episode time limit in env steps; 0: the env's own", "data")
-    action_bins: int = arg(33, "bins per continuous action dimension, both bounds included (ours)", "data")
-    collect_frames: int = arg(100_000, "frames the random explorer collects before training", "data")
-    explore_rest: str = arg("auto", "per action dim, probability the explorer holds it at zero; auto: 0,0,0.9 "
+                         "data", check=">=0")
+    max_episode_steps: int = arg(0, "episode time limit in env steps; 0: the env's own", "data", check=">=0")
+    action_bins: int = arg(33, "bins per continuous action dimension, both bounds included (ours)",
+                           "data", check=">=2")
+    collect_frames: int = arg(100_000, "frames the random explorer collects", "data", check=">=1")
+    explore_rest: str = arg("auto", "per action dim, chance the explorer holds it at 0; auto: 0,0,0.9 "
                                     "for CarRacing, else 0 (ours)", "data")
-    num_envs: int = arg(0, "parallel envs for collection; 0: one per CPU core", "data")
-    holdout_every: int = arg(10, "every n-th episode, from the first, is held out for evaluation", "data")
+    num_envs: int = arg(0, "parallel envs for collection; 0: one per CPU core", "data", check=">=0")
+    holdout_every: int = arg(10, "every n-th episode, from the first, is held out",
+                             "data", check=">=2")
     # transformer (shared by tokenizer and dynamics)
-    time_every: int = arg(4, "every n-th block attends over time, the others over space", "transformer")
-    mlp_ratio: float = arg(8 / 3, "SwiGLU hidden width, in multiples of the model width", "transformer")
+    time_every: int = arg(4, "every n-th block attends over time, the others over space", "transformer", check=">=1")
+    mlp_ratio: float = arg(8 / 3, "SwiGLU hidden width, in multiples of the model width", "transformer", check=">0")
     softcap: float = arg(0.0, "attention-logit soft cap (paper: 50); >0: explicit, slower attention",
-                         "transformer")
-    checkpointing: bool = arg(True, "activation checkpointing per block (saves memory, costs compute)", "transformer")
+                         "transformer", check=">=0")
+    checkpointing: bool = arg(True, "activation checkpointing per block (less memory, more compute)", "transformer")
     # tokenizer (SPEC Sec. 2)
-    patch_size: int = arg(8, "patch side in pixels", "tokenizer")
-    tok_dim: int = arg(512, "tokenizer width", "tokenizer")
-    tok_heads: int = arg(8, "tokenizer query heads", "tokenizer")
-    tok_kv_heads: int = arg(4, "tokenizer key/value heads (GQA)", "tokenizer")
-    tok_enc_layers: int = arg(8, "tokenizer encoder blocks", "tokenizer")
-    tok_dec_layers: int = arg(8, "tokenizer decoder blocks", "tokenizer")
-    num_latents: int = arg(64, "latent tokens per frame (N_latent)", "tokenizer")
-    latent_dim: int = arg(32, "bottleneck width per latent token (D_latent), tanh-squashed", "tokenizer")
-    max_mask_prob: float = arg(0.9, "MAE: a frame masks p ~ U(0, this) of its patches", "tokenizer")
-    lpips_weight: float = arg(0.0, "weight of the LPIPS loss term (paper: 0.2; needs lpips); 0: off", "tokenizer")
+    patch_size: int = arg(8, "patch side in pixels", "tokenizer", check=">=1")
+    tok_dim: int = arg(512, "tokenizer width", "tokenizer", check=">=1")
+    tok_heads: int = arg(8, "tokenizer query heads", "tokenizer", check=">=1")
+    tok_kv_heads: int = arg(4, "tokenizer key/value heads (GQA)", "tokenizer", check=">=1")
+    tok_enc_layers: int = arg(8, "tokenizer encoder blocks", "tokenizer", check=">=1")
+    tok_dec_layers: int = arg(8, "tokenizer decoder blocks", "tokenizer", check=">=1")
+    num_latents: int = arg(64, "latent tokens per frame (N_latent)", "tokenizer", check=">=1")
+    latent_dim: int = arg(32, "width per latent token (D_latent), tanh-squashed", "tokenizer", check=">=1")
+    max_mask_prob: float = arg(0.9, "MAE: a frame masks p ~ U(0, this) of its patches", "tokenizer", check="[0,1)")
+    lpips_weight: float = arg(0.0, "LPIPS loss weight (paper: 0.2; needs lpips); 0: off",
+                              "tokenizer", check=">=0")
     # interactive dynamics (SPEC Sec. 3)
-    dynamics_steps: int = arg(100_000, "dynamics training steps (--steps of train_dynamics.py)", "dynamics")
-    dyn_dim: int = arg(512, "dynamics width", "dynamics")
-    dyn_heads: int = arg(8, "dynamics query heads", "dynamics")
-    dyn_kv_heads: int = arg(2, "dynamics key/value heads (GQA)", "dynamics")
-    dyn_layers: int = arg(12, "dynamics blocks", "dynamics")
-    dyn_time_every: int = arg(0, "every n-th dynamics block attends over time; 0: --time-every", "dynamics")
-    latent_tokens: int = arg(16, "tokens per frame holding z (S_z); must divide N_latent", "dynamics")
-    action_tokens: int = arg(1, "action tokens per frame (S_a)", "dynamics")
-    register_tokens: int = arg(4, "register tokens per frame (S_r)", "dynamics")
-    max_shortcut_steps: int = arg(64, "K_max: the finest step size is d_min = 1/K_max", "dynamics")
+    dynamics_steps: int = arg(100_000, "dynamics training steps",
+                              "dynamics", check=">=1")
+    dyn_dim: int = arg(512, "dynamics width", "dynamics", check=">=1")
+    dyn_heads: int = arg(8, "dynamics query heads", "dynamics", check=">=1")
+    dyn_kv_heads: int = arg(2, "dynamics key/value heads (GQA)", "dynamics", check=">=1")
+    dyn_layers: int = arg(12, "dynamics blocks", "dynamics", check=">=1")
+    dyn_time_every: int = arg(0, "every n-th dynamics block attends over time; 0: --time-every",
+                              "dynamics", check=">=0")
+    latent_tokens: int = arg(16, "tokens per frame holding z (S_z); must divide N_latent", "dynamics", check=">=1")
+    action_tokens: int = arg(1, "action tokens per frame (S_a)", "dynamics", check=">=1")
+    register_tokens: int = arg(4, "register tokens per frame (S_r)", "dynamics", check=">=0")
+    max_shortcut_steps: int = arg(64, "K_max: the finest step size is d_min = 1/K_max", "dynamics", check=">=2")
     bootstrap_fraction: float = arg(0.25, "fraction of frames trained with the bootstrap term, d > d_min (ours)",
-                                    "dynamics")
+                                    "dynamics", check="[0,1]")
     bootstrap_start: float = arg(0.5, "fraction of the dynamics steps trained before the bootstrap term starts "
-                                      "(ours)", "dynamics")
+                                      "(ours)", "dynamics", check="[0,1]")
     single_frame_fraction: float = arg(0.3, "fraction of sequences trained as independent single frames",
-                                       "dynamics")
+                                       "dynamics", check="[0,1]")
     context_signal: float = arg(58 / 64, "signal level tau of context frames in generation, on the training grid "
-                                         "k / K_max (SPEC Sec. 3)", "dynamics")
-    sampling_steps: int = arg(4, "shortcut steps per generated frame (K)", "dynamics")
-    dyn_seq_len: int = arg(32, "frames per dynamics training sequence", "dynamics")
-    eval_context: int = arg(8, "real context frames before an evaluation rollout", "dynamics")
-    eval_horizon: int = arg(16, "frames generated open-loop per evaluation rollout", "dynamics")
+                                         "k / K_max (SPEC Sec. 3)", "dynamics", check="(0,1)")
+    sampling_steps: int = arg(4, "shortcut steps per generated frame (K)", "dynamics", check=">=1")
+    dyn_seq_len: int = arg(32, "frames per dynamics training sequence", "dynamics", check=">=2")
+    eval_context: int = arg(8, "real context frames before an evaluation rollout", "dynamics", check=">=1")
+    eval_horizon: int = arg(16, "frames generated open-loop per evaluation rollout", "dynamics", check=">=1")
     # agent (SPEC Sec. 4)
     finetune_steps: int = arg(20_000, "finetuning steps: BC, reward and continuation heads, dynamics loss on (Eq. 9)",
-                              "agent")
-    imagination_steps: int = arg(10_000, "imagination training steps (--steps of train_policy.py)", "agent")
-    mtp_length: int = arg(8, "multi-token prediction: policy and reward heads predict L steps ahead", "agent")
-    reward_bins: int = arg(255, "two-hot bins of the reward and value heads, even in symlog space", "agent")
-    reward_range: float = arg(20.0, "the two-hot bins span [-this, this] in symlog space (ours)", "agent")
-    imagination_context: int = arg(8, "real context frames before an imagined rollout", "agent")
-    imagination_horizon: int = arg(32, "imagined steps per rollout (H, ours)", "agent")
-    discount: float = arg(0.997, "gamma of the lambda-returns", "agent")
-    return_lambda: float = arg(0.95, "lambda of the lambda-returns (ours)", "agent")
-    pmpo_alpha: float = arg(0.5, "PMPO weight of the positive-advantage set (Eq. 11)", "agent")
-    pmpo_beta: float = arg(0.3, "weight of the KL to the frozen behaviour-cloned policy (Eq. 11)", "agent")
-    policy_lr: float = arg(3e-4, "AdamW learning rate of the policy and value heads in imagination", "agent")
+                              "agent", check=">=1")
+    imagination_steps: int = arg(10_000, "imagination training steps",
+                                 "agent", check=">=1")
+    mtp_length: int = arg(8, "multi-token prediction: policy and reward heads predict L steps ahead",
+                          "agent", check=">=1")
+    reward_bins: int = arg(255, "two-hot bins of the reward and value heads, even in symlog space",
+                           "agent", check=">=2")
+    reward_range: float = arg(20.0, "the two-hot bins span [-this, this] in symlog space (ours)", "agent", check=">0")
+    imagination_context: int = arg(8, "real context frames before an imagined rollout", "agent", check=">=1")
+    imagination_horizon: int = arg(32, "imagined steps per rollout (H, ours)", "agent", check=">=1")
+    discount: float = arg(0.997, "gamma of the lambda-returns", "agent", check="[0,1]")
+    return_lambda: float = arg(0.95, "lambda of the lambda-returns (ours)", "agent", check="[0,1]")
+    pmpo_alpha: float = arg(0.5, "PMPO weight of the positive-advantage set (Eq. 11)", "agent", check="[0,1]")
+    pmpo_beta: float = arg(0.3, "weight of the KL to the frozen behaviour-cloned policy (Eq. 11)",
+                           "agent", check=">=0")
+    policy_lr: float = arg(3e-4, "AdamW learning rate of the policy and value heads in imagination",
+                           "agent", check=">0")
     eval_episodes: int = arg(20, "seeded real-env episodes per policy evaluation, all policies on the same tracks",
-                             "agent")
+                             "agent", check=">=1")
     eval_max_episode_steps: int = arg(0, "evaluation time limit in env steps; 0: the env's own (the standard "
-                                         "protocol; others only for quick tests)", "agent")
+                                         "protocol; others only for quick tests)", "agent", check=">=0")
+    branch_contexts: int = arg(16, "real contexts of the branch test at each evaluation (see branch_test); 0: off",
+                               "agent", check=">=0")
     iterations: int = arg(0, "online rounds after imagination: collect with the policy, finetune, imagine "
-                             "(ours)", "agent")
-    iteration_episodes: int = arg(10, "episodes collected with the policy per online round", "agent")
-    explore_prob: float = arg(0.2, "online collection: per-step probability of acting with the explorer", "agent")
+                             "(ours)", "agent", check=">=0")
+    iteration_episodes: int = arg(10, "episodes collected with the policy per online round", "agent", check=">=1")
+    explore_prob: float = arg(0.2, "online collection: per-step probability of acting with the explorer",
+                              "agent", check="[0,1]")
     # optimization (every stage)
-    batch_size: int = arg(32, "sequences per batch", "optimization")
-    seq_len: int = arg(8, "frames per tokenizer training sequence (its causal window)", "tokenizer")
-    lr: float = arg(3e-4, "AdamW peak learning rate", "optimization")
-    warmup_steps: int = arg(1000, "steps of linear learning-rate warm-up", "optimization")
-    cooldown: float = arg(0.2, "final fraction of a stage's steps with the learning rate decaying to 0 (ours)",
-                          "optimization")
-    weight_decay: float = arg(0.01, "AdamW weight decay", "optimization")
-    grad_clip: float = arg(1.0, "gradient-norm clipping threshold", "optimization")
+    batch_size: int = arg(32, "sequences per batch", "optimization", check=">=1")
+    seq_len: int = arg(8, "frames per tokenizer training sequence (its causal window)", "tokenizer", check=">=1")
+    lr: float = arg(3e-4, "AdamW peak learning rate", "optimization", check=">0")
+    warmup_steps: int = arg(1000, "steps of linear learning-rate warm-up", "optimization", check=">=1")
+    cooldown: float = arg(0.2, "final fraction of a stage's steps, the learning rate decaying to 0 (ours)",
+                          "optimization", check="[0,1]")
+    weight_decay: float = arg(0.01, "AdamW weight decay", "optimization", check=">=0")
+    grad_clip: float = arg(1.0, "gradient-norm clip", "optimization", check=">0")
     loss_floor: float = arg(0.1, "least RMS (nats) the agent's likelihood loss terms are divided by (ours)",
-                            "agent")
-    eval_every: int = arg(2000, "steps between evaluations (held-out scores, videos)", "optimization")
+                            "agent", check=">0")
+    eval_every: int = arg(2000, "steps between evaluations (scores, videos)", "optimization", check=">=1")
     save_every: int = arg(1000, "steps between checkpoints (also at the end and on Ctrl-C)",
-                          "optimization")
-    eval_sequences: int = arg(64, "held-out sequences per evaluation", "optimization")
+                          "optimization", check=">=1")
+    eval_sequences: int = arg(64, "held-out sequences per evaluation", "optimization", check=">=1")
+    log_every: int = arg(10, "steps between loss lines in metrics.jsonl", "optimization", check=">=1")
 
 
 PRESETS = {
@@ -152,7 +175,7 @@ PRESETS = {
                  dyn_heads=2, dyn_kv_heads=1, dyn_layers=2, latent_tokens=2, register_tokens=1, dyn_seq_len=6,
                  eval_context=2, eval_horizon=3, finetune_steps=10, imagination_steps=10, mtp_length=3,
                  imagination_context=2, imagination_horizon=3, eval_episodes=2, eval_max_episode_steps=40,
-                 iteration_episodes=1),
+                 branch_contexts=2, iteration_episodes=1),
     "small": dict(image_size=64, action_repeat=4, collect_frames=8000, max_episode_steps=300, checkpointing=False,
                   compile="mae", patch_size=8, dyn_time_every=2, cooldown=0.5, bootstrap_start=0.3, tok_dim=128,
                   tok_heads=4,
@@ -169,6 +192,10 @@ STAGE_STEPS = {"mae": "mae_steps", "dynamics": "dynamics_steps", "policy": "imag
 
 class ConfigError(Exception):
     """A problem with the user's input (flags, files, env id): reported as one line, exit status 2."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. only non-finite losses): reported as one line, exit status 1."""
 
 
 GROUPS = {"run": "run", "data": "environment and data", "transformer": "transformer (tokenizer and dynamics)",
@@ -202,7 +229,8 @@ def parse_config(stage, description, argv=None):
         f"this stage's training steps (sets --{STAGE_STEPS[stage].replace('_', '-')})"))
     for f in dataclasses.fields(Config):
         flag, group = "--" + f.name.replace("_", "-"), groups[f.metadata["stage"]]
-        values = {"default": f.default, **{name: p[f.name] for name, p in PRESETS.items() if f.name in p}}
+        values = {"default": f.default, **{name: p[f.name] for name, p in PRESETS.items()
+                                           if p.get(f.name, f.default) != f.default}}
         shown_values = "; ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v or repr(v)}"
                                  for k, v in values.items())
         help = argparse.SUPPRESS if f.metadata["stage"] in others else \
@@ -219,6 +247,31 @@ def parse_config(stage, description, argv=None):
         given[STAGE_STEPS[stage]] = given.pop("steps")
     preset = given.get("preset", Config.preset)
     cfg = Config(**{**PRESETS[preset], **given})
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Refuses, in one line naming the flag, a number out of its range (Config's `check`), sizes that must divide
+    each other and --env-kwargs that is not a JSON object: before any work is done or any file written."""
+    for f in dataclasses.fields(Config):
+        value, check = getattr(cfg, f.name), f.metadata["check"]
+        if check and not (math.isfinite(value) and CHECKS[check][0](value)):
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be {CHECKS[check][1]}, not {value}")
+    for size, part in (("image_size", "patch_size"), ("num_latents", "latent_tokens"), ("tok_dim", "tok_heads"),
+                       ("tok_heads", "tok_kv_heads"), ("dyn_dim", "dyn_heads"), ("dyn_heads", "dyn_kv_heads"),
+                       ("max_shortcut_steps", "sampling_steps")):
+        if getattr(cfg, size) % getattr(cfg, part):
+            raise ConfigError(f"--{part.replace('_', '-')} {getattr(cfg, part)} must divide --"
+                              f"{size.replace('_', '-')} {getattr(cfg, size)}")
+    for name, heads in (("tok_dim", "tok_heads"), ("dyn_dim", "dyn_heads")):
+        if getattr(cfg, name) // getattr(cfg, heads) % 2:
+            raise ConfigError(f"--{name.replace('_', '-')} / --{heads.replace('_', '-')} (the width per head) must "
+                              "be even: rotary embeddings split it in half")
+    for name in ("max_shortcut_steps", "sampling_steps"):
+        if getattr(cfg, name) & (getattr(cfg, name) - 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a power of 2, not {getattr(cfg, name)}")
+    env_kwargs(cfg)
     unknown = sorted(set(filter(None, cfg.compile.split(","))) - {"mae", "dynamics"})
     if unknown:
         raise ConfigError(f"--compile takes mae and/or dynamics, comma-separated, not {', '.join(unknown)}")
@@ -227,7 +280,22 @@ def parse_config(stage, description, argv=None):
         raise ConfigError(f"--context-signal {cfg.context_signal:g} is not a signal level training produces: it must "
                           f"be k / {cfg.max_shortcut_steps} (--max-shortcut-steps) with 0 < k < "
                           f"{cfg.max_shortcut_steps}, e.g. {round(grid) / cfg.max_shortcut_steps:g}")
-    return cfg
+
+
+def env_kwargs(cfg):
+    """--env-kwargs as a dict (a one-line error unless it is a JSON object)."""
+    try:
+        kwargs = json.loads(cfg.env_kwargs)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--env-kwargs is not valid JSON ({e}): {cfg.env_kwargs}") from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"--env-kwargs must be a JSON object like '{{\"continuous\": false}}', not "
+                          f"{cfg.env_kwargs}")
+    taken = sorted(set(kwargs) & {"render_mode", "max_episode_steps"})
+    if taken:
+        raise ConfigError(f"--env-kwargs cannot set {', '.join(taken)}; the pipeline sets it (see "
+                          "--max-episode-steps)")
+    return kwargs
 
 
 def run_cli(main):
@@ -238,6 +306,9 @@ def run_cli(main):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -1180,6 +1251,31 @@ class StreamsAsInfo(gym.Wrapper):
         return obs, float(np.sum(reward)), bool(np.all(terminated)), bool(truncated), info
 
 
+class CheckedEnv(gym.Wrapper):
+    """Raises a one-line ConfigError naming the env when it returns a non-finite reward or a frame that is not
+    the uint8 array of the shape its observation space declares, instead of a crash deep in the model."""
+
+    def check(self, obs, reward=0.0):
+        space = self.observation_space
+        if not (isinstance(obs, np.ndarray) and obs.dtype == np.uint8 and obs.shape == space.shape):
+            got = f"{obs.dtype} {obs.shape}" if isinstance(obs, np.ndarray) else type(obs).__name__
+            raise ConfigError(f"environment '{self.spec.id if self.spec else self.unwrapped}' returned a frame of "
+                              f"{got}, not the uint8 {space.shape} its observation space declares")
+        if not np.all(np.isfinite(reward)):
+            raise ConfigError(f"environment '{self.spec.id if self.spec else self.unwrapped}' returned the reward "
+                              f"{reward}; rewards must be finite")
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.check(obs)
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.check(obs, reward)
+        return obs, reward, terminated, truncated, info
+
+
 def make_env(cfg, render_mode=None):
     """A gymnasium env by id with uint8 pixel observations of image_size x image_size (cv2.INTER_AREA).
     Multi-agent envs (observations (N, H, W, 3)) keep the leading agent axis; see StreamsAsInfo."""
@@ -1187,16 +1283,21 @@ def make_env(cfg, render_mode=None):
 
     if cfg.env.startswith("MultiCarRacing"):
         import multi_car_racing  # noqa: F401  (registers MultiCarRacing-v0)
-    limit = cfg.max_episode_steps or None
-    try:
-        env = gym.make(cfg.env, max_episode_steps=limit, render_mode=render_mode)
-    except gym.error.Error as e:
-        raise ConfigError(f"cannot make environment '{cfg.env}': {e}") from None
+    limit, kwargs = cfg.max_episode_steps or None, env_kwargs(cfg)
+
+    def make(mode):
+        try:
+            return gym.make(cfg.env, max_episode_steps=limit, render_mode=mode, **kwargs)
+        except gym.error.Error as e:
+            raise ConfigError(f"cannot make environment '{cfg.env}': {e}") from None
+        except (TypeError, ValueError, AssertionError) as e:   # what envs raise for keywords they do not take
+            raise ConfigError(f"environment '{cfg.env}' rejects --env-kwargs {cfg.env_kwargs}: {e}") from None
+    env = make(render_mode)
     space = env.observation_space
     if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and space.shape[-1:] == (3,)):
         env.close()   # not an image: observe the rendered frame instead
-        env = AddRenderObservation(gym.make(cfg.env, max_episode_steps=limit, render_mode="rgb_array"),
-                                   render_only=True)
+        env = AddRenderObservation(make("rgb_array"), render_only=True)
+    env = CheckedEnv(env)
     if "CarRacing" in cfg.env and cfg.zoom_skip > 0:
         env = ResetNoops(env, cfg.zoom_skip)
     if cfg.action_repeat > 1:
@@ -1510,13 +1611,46 @@ def episode_files(data_dir):
     return sorted(Path(data_dir).glob("episode_*.npz"))
 
 
+EPISODE_KEYS = ("frames", "actions", "rewards", "terminated", "truncated")
+
+
+def read_episode(path, keys=EPISODE_KEYS):
+    """The arrays of one episode file; a truncated or foreign file is a one-line error naming it."""
+    try:
+        with np.load(path) as episode:
+            arrays = {key: episode[key] for key in keys}
+    except Exception as e:   # a truncated zip, a missing array, not an .npz at all
+        raise ConfigError(f"{path} is not a readable episode ({type(e).__name__}: {e}); delete it and run "
+                          "again") from None
+    if len({len(array) for array in arrays.values()}) > 1:
+        raise ConfigError(f"{path} holds arrays of different lengths; delete it and run again")
+    return arrays
+
+
 def save_episode(path, episode):
     """Writes one episode (dict of per-frame lists; other keys are not stored) as a compressed .npz, atomically."""
-    arrays = {key: np.asarray(episode[key]) for key in ("frames", "actions", "rewards", "terminated", "truncated")}
+    arrays = {key: np.asarray(episode[key]) for key in EPISODE_KEYS}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
     os.replace(tmp, path)
+
+
+@contextmanager
+def worker_errors():
+    """Around calls into an AsyncVectorEnv: a ConfigError raised in a worker (e.g. by CheckedEnv) reaches the user
+    as its one line, without gymnasium's copy of the worker's traceback (a warning); any other error keeps it."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    except ConfigError:
+        raise
+    except BaseException:
+        for w in caught:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        raise
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def collect_random(cfg, data_dir):
@@ -1531,15 +1665,17 @@ def collect_random(cfg, data_dir):
         return
     data_dir.mkdir(parents=True, exist_ok=True)
     files = episode_files(data_dir)
-    have = sum(len(np.load(f)["rewards"]) for f in files)
+    have = sum(len(read_episode(f, ("rewards",))["rewards"]) for f in files)
     num_envs = cfg.num_envs or os.cpu_count()
     vector = gym.vector.AsyncVectorEnv if num_envs > 1 else gym.vector.SyncVectorEnv
-    envs = vector([lambda: make_env(cfg)] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    with worker_errors():
+        envs = vector([lambda: make_env(cfg)] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     per_env = envs.single_observation_space.shape[0] if len(envs.single_observation_space.shape) == 4 else 1
     bins = ActionBins(stream_action_space(envs.single_action_space, envs.single_observation_space), cfg.action_bins)
     explorer = random_explorer(bins, cfg, [cfg.seed, len(files)])
     explorer.reset(num_envs * per_env)
-    obs, _ = envs.reset(seed=cfg.seed * 100_000 + len(files))
+    with worker_errors():
+        obs, _ = envs.reset(seed=cfg.seed * 100_000 + len(files))
 
     def new_episode(frame):
         return dict(frames=[frame], actions=[np.zeros(bins.dims, np.float32)], rewards=[0.0], terminated=[False],
@@ -1549,11 +1685,12 @@ def collect_random(cfg, data_dir):
     episodes = [new_episode(frame) for frame in frames]   # one per stream; None once a stream's episode ended
     restarting = np.zeros(num_envs, bool)   # NEXT_STEP autoreset: the step after an episode end returns a reset
     count, collected = len(files), have + len(episodes)
-    with tqdm(total=cfg.collect_frames, initial=have, desc="collect", unit="frame") as bar:
+    with tqdm(total=cfg.collect_frames, initial=have, desc="collect", unit="frame") as bar, closing(envs):
         while collected < cfg.collect_frames:
             actions = bins.from_bins(explorer())
             env_actions = bins.to_env(actions).reshape(num_envs, *envs.single_action_space.shape)
-            obs, reward, terminated, truncated, info = envs.step(env_actions)
+            with worker_errors():
+                obs, reward, terminated, truncated, info = envs.step(env_actions)
             frames = obs.reshape(num_envs * per_env, *obs.shape[-3:])
             if per_env > 1:   # absent when every env restarts in this step (NEXT_STEP autoreset: reset infos)
                 reward = info.get("stream_reward", np.zeros((num_envs, per_env), np.float32))
@@ -1579,7 +1716,6 @@ def collect_random(cfg, data_dir):
                         count, episodes[s] = count + 1, None
                 restarting[e] = all(episodes[s] is None for s in streams)
             bar.update(collected - before)
-    envs.close()
     for episode in episodes:
         if episode is not None and len(episode["rewards"]) > 1:
             episode["truncated"][-1] = True
@@ -1597,11 +1733,12 @@ class EpisodeDataset:
         files = episode_files(data_dir)
         if len(files) < 2:
             raise ConfigError(f"{data_dir} holds {len(files)} episodes; at least 2 are needed (one is held out)")
-        lengths = np.array([len(np.load(f)["rewards"]) for f in files])
+        lengths = np.array([len(read_episode(f, ("rewards",))["rewards"]) for f in files])
         self.starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         self.lengths = lengths
-        with np.load(files[0]) as episode:
-            frame_shape, action_dims = episode["frames"].shape[1:], episode["actions"].shape[1]
+        first = read_episode(files[0])
+        frame_shape, action_dims = first["frames"].shape[1:], first["actions"].shape[1]
+        del first   # one episode's frames at a time besides the dataset (tests/test_data.py)
         total = int(lengths.sum())
         self.frames = np.empty((total, *frame_shape), np.uint8)
         self.actions = np.empty((total, action_dims), np.float32)
@@ -1609,9 +1746,15 @@ class EpisodeDataset:
         self.terminated = np.empty(total, bool)
         self.truncated = np.empty(total, bool)
         for f, start, length in zip(files, self.starts, lengths):   # one episode decompressed at a time
-            with np.load(f) as episode:
-                for key in ("frames", "actions", "rewards", "terminated", "truncated"):
-                    getattr(self, key)[start:start + length] = episode[key]
+            episode = read_episode(f)
+            if episode["frames"].shape[1:] != frame_shape or episode["actions"].shape[1:] != (action_dims,) \
+                    or len(episode["rewards"]) != length:
+                raise ConfigError(f"{f} does not match the other episodes of {data_dir} (frames "
+                                  f"{episode['frames'].shape[1:]}, actions {episode['actions'].shape[1:]}); delete it "
+                                  "and run again")
+            for key in EPISODE_KEYS:
+                getattr(self, key)[start:start + length] = episode[key]
+            del episode
         self.first = np.zeros(total, bool)
         self.first[self.starts] = True
         self.split = np.where(np.arange(len(files)) % holdout_every == 0, "eval", "train")
@@ -1690,7 +1833,7 @@ def load_tokenizer(run_dir, device):
     state = load_checkpoint(Path(run_dir) / "tokenizer.pt", "run train_mae.py on this --run-dir first")
     tokenizer_cfg = Config(**state["config"])
     tokenizer = Tokenizer(tokenizer_cfg).to(device).eval().requires_grad_(False)
-    tokenizer.load_state_dict(state["model"])
+    load_weights(tokenizer, state["model"], Path(run_dir) / "tokenizer.pt")
     return tokenizer, tokenizer_cfg, state["step"]
 
 
@@ -1702,8 +1845,17 @@ def world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device):
     run_dir = Path(cfg.run_dir)
     dataset = EpisodeDataset(run_dir / "data", cfg.holdout_every)
     path = run_dir / f"latents_{tokenizer_step}_causal{tokenizer_cfg.seq_len}.npy"
-    latents = np.load(path) if path.exists() else np.empty((0, tokenizer.num_latents, tokenizer_cfg.latent_dim),
-                                                           np.float16)
+    shape = (tokenizer.num_latents, tokenizer_cfg.latent_dim)
+    latents = np.empty((0, *shape), np.float16)
+    if path.exists():
+        try:
+            latents = np.load(path)
+        except Exception as e:   # truncated or not a .npy
+            raise ConfigError(f"{path} is not a readable latent cache ({type(e).__name__}); delete it (it is encoded "
+                              "again from data/)") from None
+        if latents.shape[1:] != shape or len(latents) > len(dataset.frames):
+            raise ConfigError(f"{path} holds {len(latents)} latents of {latents.shape[1:]} for {len(dataset.frames)} "
+                              f"frames of {shape}; delete it (it is encoded again from data/)")
     if len(latents) < len(dataset.frames):
         new = encode_dataset(tokenizer, dataset, tokenizer_cfg.seq_len, device, first_frame=len(latents))
         latents = np.concatenate([latents, new])
@@ -1797,10 +1949,45 @@ def save_checkpoint(path, **state):
     os.replace(tmp, path)
 
 
+CHECKPOINT_KEYS = {"agent.pt": ("model", "finetuner", "imaginer", "progress", "config", "action_bins"),   # the most
+                   "dynamics.pt": ("model", "trainer", "step", "config", "action_bins"),           # entries first
+                   "tokenizer.pt": ("model", "trainer", "step", "config")}
+
+
+def checkpoint_kind(state):
+    """Which stage's checkpoint (its file name) a loaded file holds, by its entries; None: none of ours."""
+    return next((name for name, keys in CHECKPOINT_KEYS.items() if isinstance(state, dict)
+                 and set(keys) <= set(state)), None)
+
+
 def load_checkpoint(path, hint=""):
-    if not Path(path).exists():
+    """A checkpoint, loaded with weights_only=True (a downloaded one runs no code). A missing, truncated, empty or
+    foreign file, or a stage's file holding another stage's checkpoint, is a one-line error naming it."""
+    path = Path(path)
+    if not path.exists():
         raise ConfigError(f"no checkpoint at {path}" + (f"; {hint}" if hint else ""))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    fix = "delete it (or move it away) and run its stage again, or --resume from another run's copy"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # truncated, empty, not written by torch.save, or holding objects that would run code
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path} is not a readable checkpoint ({reason}); {fix}") from None
+    kind = checkpoint_kind(state)
+    if path.name in CHECKPOINT_KEYS and kind != path.name:
+        what = f"a {kind} checkpoint" if kind else "no checkpoint of this pipeline"
+        raise ConfigError(f"{path} holds {what}, not a {path.name} checkpoint; {fix}")
+    return state
+
+
+def load_weights(module, weights, path):
+    """module.load_state_dict, with a checkpoint of other model sizes as a one-line error naming the file."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line or "key" in line),
+                      str(e).splitlines()[0])
+        raise ConfigError(f"{path} was trained with other model sizes than this run's flags ({detail[:160]}); "
+                          "resume with the flags it was trained with, or use another --run-dir") from None
 
 
 def resume_state(cfg, path):
@@ -1824,11 +2011,31 @@ def saved_on_exit(save, bar, logger):
         logger.close()
 
 
+def random_state(rng, generator=None):
+    """The random number generators' states a stage's checkpoint keeps, so that --resume continues exactly as if
+    never stopped (on CPU): torch's global one, the stage's numpy Generator and, if any, its torch.Generator."""
+    return dict(torch=torch.get_rng_state(), numpy=rng.bit_generator.state,
+                **({"generator": generator.get_state()} if generator is not None else {}))
+
+
+def restore_random_state(state, rng, generator=None):
+    torch.set_rng_state(state["torch"])
+    rng.bit_generator.state = state["numpy"]
+    if generator is not None:
+        generator.set_state(state["generator"])
+
+
+MAX_SKIPPED_IN_A_ROW = 20   # non-finite updates in a row after which a stage stops
+
+
 class Trainer:
     """One module's AdamW (linear warm-up, constant, then a linear decay to 0 over the last `cfg.cooldown` of
     every `total_steps` steps: the online loop's iterations repeat the decay), loss normalizer and gradient
     clipping (`loss_floors`, see LossNormalizer); `step` is one training step on the loss terms that `loss_fn`
-    returns (bf16 autocast on CUDA)."""
+    returns (bf16 autocast on CUDA). A step whose loss or gradient is not finite is skipped: weights, AdamW
+    moments and loss normalizer stay as they were (the learning-rate schedule moves on with the step count); the
+    count is `skipped_steps` in the metrics, and MAX_SKIPPED_IN_A_ROW in a row raise TrainingError (the stage's
+    loop then saves the checkpoint, whose weights are the last good ones)."""
 
     def __init__(self, module, cfg, device, total_steps=None, loss_floors=None):
         self.module, self.device, self.grad_clip = module, device, cfg.grad_clip
@@ -1840,6 +2047,7 @@ class Trainer:
             return min(1.0, (step + 1) / cfg.warmup_steps, left)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.normalizer = LossNormalizer(floors=loss_floors)
+        self.skipped, self.in_a_row = 0, 0
 
     def step(self, loss_fn, *args):
         """loss_fn returns its loss terms, or (loss terms, diagnostics): scalars logged alongside, not optimized."""
@@ -1847,32 +2055,53 @@ class Trainer:
             losses = loss_fn(*args)
         losses, diagnostics = losses if isinstance(losses, tuple) else (losses, {})
         self.optimizer.zero_grad(set_to_none=True)
-        self.normalizer(losses).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        self.optimizer.step()
+        finite = all(torch.isfinite(loss).all() for loss in losses.values())
+        grad_norm = torch.tensor(float("nan"))
+        if finite:
+            estimates = dict(self.normalizer.mean_squares)
+            self.normalizer(losses).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+            finite = bool(torch.isfinite(grad_norm))
+            if not finite:
+                self.normalizer.mean_squares = estimates
+        if finite:
+            self.optimizer.step()
+            self.in_a_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+            if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise TrainingError(f"{self.in_a_row} training steps in a row had a non-finite loss or gradient; "
+                                    "stopped with the last good weights saved (try a lower --lr or --grad-clip)")
         self.schedule.step()
         return {**{name: value.item() for name, value in {**losses, **diagnostics}.items()},
-                "grad_norm": grad_norm.item(), "lr": self.schedule.get_last_lr()[0]}
+                "grad_norm": grad_norm.item(), "lr": self.schedule.get_last_lr()[0], "skipped_steps": self.skipped}
 
     def state_dict(self):
         return dict(optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
-                    normalizer=self.normalizer.state_dict())
+                    normalizer=self.normalizer.state_dict(), skipped=self.skipped)
 
     def save(self, path, step, cfg, **extra):
         """The stage's checkpoint: the module, this trainer, the step, the config and any extra entries."""
         save_checkpoint(path, model=self.module.state_dict(), trainer=self.state_dict(), step=step,
                         config=dataclasses.asdict(cfg), **extra)
 
-    def restore(self, state):
-        """Loads a checkpoint written by `save` into the module and this trainer; returns its step."""
-        self.module.load_state_dict(state["model"])
-        self.load_state_dict(state["trainer"])
+    def restore(self, state, path):
+        """Loads a checkpoint written by `save` (read from `path`) into the module and this trainer; returns its
+        step."""
+        load_weights(self.module, state["model"], path)
+        self.load_state_dict(state["trainer"], path)
         return state["step"]
 
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state_dict(self, state, path):
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"{path}: its optimizer state does not fit this run's model ({e}); resume with the "
+                              "flags it was trained with, or use another --run-dir") from None
         self.schedule.load_state_dict(state["schedule"])
-        self.normalizer.load_state_dict(state["normalizer"])
+        load_weights(self.normalizer, state["normalizer"], path)
+        self.skipped = state.get("skipped", 0)
 
 
 class Logger:
@@ -1894,6 +2123,8 @@ class Logger:
             f.write(json.dumps({"stage": self.stage, "step": step, **metrics}) + "\n")
         if self.wandb:
             self.wandb.log({f"{self.stage}/{key}": value for key, value in metrics.items()}, step=step)
+        if os.environ.get("DREAMER4_SIGKILL_AT") == f"{self.stage}:{step}":   # for the resume test: die right here,
+            os.kill(os.getpid(), signal.SIGKILL)                             # no cleanup, as a power cut would
 
     def video(self, step, columns, name=None):
         """Writes run_dir/videos/<name or stage>_<step>.mp4 of the clips side by side (see write_video); returns

@@ -59,7 +59,7 @@ def main():
                               eval_max_episode_steps=args.max_episode_steps)
     bins = d4.env_action_bins(cfg)
     agent = d4.Agent(cfg, bins.bins).to(device).eval()
-    agent.load_state_dict(state["model"])
+    d4.load_weights(agent, state["model"], run_dir / "agent.pt")
     seed = (cfg.seed if args.seed is None else args.seed) + d4.EVAL_SEED
     policies = d4.evaluation_policies([POLICIES[name] for name in names], agent, tokenizer, bins, cfg, device, seed,
                                       args.greedy)

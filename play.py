@@ -143,7 +143,7 @@ def main():
     # the run's settings, but the env's own time limit: the real game, not the short training episodes
     cfg = d4.Config(**{**state["config"], "run_dir": str(run_dir), "max_episode_steps": 0})
     agent = d4.Agent(cfg, state["action_bins"]).to(device).eval().requires_grad_(False)
-    agent.load_state_dict(state["model"])
+    d4.load_weights(agent, state["model"], run_dir / "agent.pt")
     env = d4.make_env(cfg)
     multi = len(env.observation_space.shape) == 4
     bins = d4.ActionBins(d4.stream_action_space(env.action_space, env.observation_space), cfg.action_bins)

@@ -68,8 +68,8 @@ def main():
     tokenizer, tokenizer_cfg, tokenizer_step = d4.load_tokenizer(run_dir, device)
     state = d4.resume_state(cfg, checkpoint_path)
     d4.seed_everything(cfg.seed)
-    cfg = dataclasses.replace(cfg, env=tokenizer_cfg.env, image_size=tokenizer_cfg.image_size,
-                              num_latents=tokenizer_cfg.num_latents, latent_dim=tokenizer_cfg.latent_dim)
+    cfg = dataclasses.replace(cfg, **{name: getattr(tokenizer_cfg, name) for name in (
+        "env", "env_kwargs", "image_size", "num_latents", "latent_dim")})
     dataset, latents, bins, action_bins = d4.world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device)
 
     def sample(batch, length, split, rng):
@@ -77,16 +77,18 @@ def main():
 
     dynamics = d4.Dynamics(cfg, bins.bins, ordered=bins.continuous).to(device)
     trainer = d4.Trainer(dynamics, cfg, device, total_steps=cfg.dynamics_steps)
-    step = trainer.restore(state) if state else 0
+    step, rng = 0, np.random.default_rng(cfg.seed)
+    if state:
+        step = trainer.restore(state, checkpoint_path)
+        d4.restore_random_state(state["random"], rng)
 
     def save():
-        trainer.save(checkpoint_path, step, cfg, action_bins=bins.bins)
+        trainer.save(checkpoint_path, step, cfg, action_bins=bins.bins, random=d4.random_state(rng))
 
     logger = d4.Logger(cfg, "dynamics")
     eval_batch = sample(cfg.eval_sequences, cfg.eval_context + cfg.eval_horizon, "eval",
                         np.random.default_rng(cfg.seed))
     eval_batch["frames"] = dataset.frames[eval_batch["index"]]   # only evaluation needs the real frames
-    rng = np.random.default_rng([cfg.seed, step])
     loss = d4.compiled(dynamics.loss, cfg, "dynamics")
     bar = tqdm(total=cfg.dynamics_steps, initial=step, desc="dynamics", unit="step")
     with d4.saved_on_exit(save, bar, logger):
@@ -96,7 +98,7 @@ def main():
             metrics = trainer.step(loss, batch["latents"], batch["actions"], bootstrap)
             step += 1
             bar.update(1)
-            if step % 50 == 0 or step == cfg.dynamics_steps:
+            if step % cfg.log_every == 0 or step == cfg.dynamics_steps:
                 logger.log(step, **metrics)
                 bar.set_postfix(loss=f"{metrics['dynamics']:.4f}")
             if step % cfg.eval_every == 0 or step == cfg.dynamics_steps:

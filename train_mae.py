@@ -48,19 +48,20 @@ def main():
     tokenizer = d4.Tokenizer(cfg).to(device)
     trainer = d4.Trainer(tokenizer, cfg, device, total_steps=cfg.mae_steps)
     step = 0
+    rng = np.random.default_rng(cfg.seed)
     if state:
-        step = trainer.restore(state)
+        step = trainer.restore(state, checkpoint_path)
+        d4.restore_random_state(state["random"], rng)
     else:
         train_index = dataset.window_starts("train", 1)
         tokenizer.set_pixel_statistics(dataset.frames[train_index[::max(1, len(train_index) // 4000)]])
 
     def save():
-        trainer.save(checkpoint_path, step, cfg)
+        trainer.save(checkpoint_path, step, cfg, random=d4.random_state(rng))
 
     logger = d4.Logger(cfg, "mae")
     eval_batch = dataset.sample(cfg.eval_sequences, cfg.seq_len, "eval", np.random.default_rng(cfg.seed))
     eval_frames = d4.frames_to_tensor(eval_batch["frames"], device)
-    rng = np.random.default_rng([cfg.seed, step])
     loss = d4.compiled(tokenizer.loss, cfg, "mae")
     bar = tqdm(total=cfg.mae_steps, initial=step, desc="tokenizer", unit="step")
     with d4.saved_on_exit(save, bar, logger):
@@ -69,7 +70,7 @@ def main():
             metrics = trainer.step(loss, frames)
             step += 1
             bar.update(1)
-            if step % 50 == 0 or step == cfg.mae_steps:
+            if step % cfg.log_every == 0 or step == cfg.mae_steps:
                 logger.log(step, **metrics)
                 bar.set_postfix(mse=f"{metrics['mse']:.5f}")
             if step % cfg.eval_every == 0 or step == cfg.mae_steps:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 import dreamer4 as d4
 
 # the world model's settings come from dynamics.pt, whatever the command line says
-WORLD_FIELDS = ("env", "image_size", "action_repeat", "zoom_skip", "action_bins",
+WORLD_FIELDS = ("env", "env_kwargs", "image_size", "action_repeat", "zoom_skip", "action_bins",
                 "explore_rest", "holdout_every", "num_latents", "latent_dim", "time_every", "dyn_time_every", "mlp_ratio", "softcap",
                 "dyn_dim", "dyn_heads", "dyn_kv_heads", "dyn_layers", "latent_tokens", "action_tokens",
                 "register_tokens", "max_shortcut_steps", "context_signal", "dyn_seq_len")
@@ -55,6 +55,9 @@ def main():
     state = d4.resume_state(cfg, checkpoint_path)
     d4.seed_everything(cfg.seed)
     world = d4.Config(**dynamics_state["config"])
+    if (world.num_latents, world.latent_dim) != (tokenizer_cfg.num_latents, tokenizer_cfg.latent_dim):
+        raise d4.ConfigError(f"{run_dir / 'dynamics.pt'} was trained on another tokenizer's latents than "
+                             f"{run_dir / 'tokenizer.pt'}'s; train the dynamics again on this tokenizer")
     cfg = dataclasses.replace(cfg, **{name: getattr(world, name) for name in WORLD_FIELDS})
     dataset, latents, bins, action_bins = d4.world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device)
 
@@ -62,18 +65,20 @@ def main():
     agent.dynamics.load_state_dict(dynamics_state["model"])
     finetuner, imaginer = agent.finetune_trainer(cfg, device), agent.imagination_trainer(cfg, device)
     progress = dict(step=0, evaluated=[], collected=0, collect_start=None)   # step counts finetuning + imagination steps
+    rng, generator = np.random.default_rng(cfg.seed), torch.Generator(device).manual_seed(cfg.seed)
     if state:
-        agent.load_state_dict(state["model"])
-        finetuner.load_state_dict(state["finetuner"])
-        imaginer.load_state_dict(state["imaginer"])
+        d4.load_weights(agent, state["model"], checkpoint_path)
+        finetuner.load_state_dict(state["finetuner"], checkpoint_path)
+        imaginer.load_state_dict(state["imaginer"], checkpoint_path)
         progress = state["progress"]
+        d4.restore_random_state(state["random"], rng, generator)
     per_iteration = cfg.finetune_steps + cfg.imagination_steps
     total = per_iteration * (cfg.iterations + 1)
 
     def save():
         d4.save_checkpoint(checkpoint_path, model=agent.state_dict(), finetuner=finetuner.state_dict(),
                            imaginer=imaginer.state_dict(), progress=progress, config=dataclasses.asdict(cfg),
-                           action_bins=bins.bins)
+                           action_bins=bins.bins, random=d4.random_state(rng, generator))
 
     def sample(batch, length, rng):   # reads dataset, latents and action_bins as collect() leaves them
         return d4.latent_batch(dataset, latents, action_bins, dataset.sample_index(batch, length, "train", rng),
@@ -89,7 +94,8 @@ def main():
         if "baselines" not in progress:
             progress["baselines"] = {name: returns[name].tolist() for name in ("random", "bc")}
         summary = d4.evaluation_summary({"eval": returns["eval"], **progress["baselines"]})
-        summary.update(d4.branch_test(agent, tokenizer, bins, cfg, device, seed=seed))
+        if cfg.branch_contexts:
+            summary.update(d4.branch_test(agent, tokenizer, bins, cfg, device, cfg.branch_contexts, seed=seed))
         logger.log(step, iteration=iteration, **summary)
         video = logger.video(step, [first["eval"]], name="policy_real")
         bar.write(f"iteration {iteration}: return over {cfg.eval_episodes} episodes, trained "
@@ -132,8 +138,6 @@ def main():
         agent.train()
 
     logger = d4.Logger(cfg, "policy")
-    rng = np.random.default_rng([cfg.seed, progress["step"]])
-    generator = torch.Generator(device).manual_seed(cfg.seed + progress["step"])
     bar = tqdm(total=total, initial=progress["step"], desc="agent", unit="step")
     returns = []
     with d4.saved_on_exit(save, bar, logger):
@@ -163,7 +167,7 @@ def main():
                 returns.append(rollout["rewards"].sum(1).mean().item())
             progress["step"] += 1
             bar.update(1)
-            if progress["step"] % 10 == 0 or progress["step"] == total:
+            if progress["step"] % cfg.log_every == 0 or progress["step"] == total:
                 if returns:
                     metrics["imagined_return"] = float(np.mean(returns))
                     returns = []

@@ -162,8 +162,8 @@ def test_the_loss_of_a_tiny_model_falls_on_a_fixed_batch(tiny_cfg):
 
 
 def test_dynamics_checkpoints_round_trip(dynamics, tmp_path):
-    d4.save_checkpoint(tmp_path / "dynamics.pt", model=dynamics.state_dict())
-    state = d4.load_checkpoint(tmp_path / "dynamics.pt")["model"]
+    d4.save_checkpoint(tmp_path / "weights.pt", model=dynamics.state_dict())
+    state = d4.load_checkpoint(tmp_path / "weights.pt")["model"]
     assert state.keys() == dynamics.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in dynamics.state_dict().items())
 
