@@ -20,6 +20,7 @@ import random
 import signal
 import sys
 import textwrap
+import time
 import warnings
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -2023,6 +2024,17 @@ def restore_random_state(state, rng, generator=None):
     rng.bit_generator.state = state["numpy"]
     if generator is not None:
         generator.set_state(state["generator"])
+
+
+class Stopwatch:
+    """A stage's training time in seconds, carried across --resume (`elapsed_s` in its checkpoint and evaluation
+    lines; time between the last checkpoint and an interruption is lost)."""
+
+    def __init__(self, state=None):
+        self.before, self.start = (state or {}).get("elapsed_s", 0.0), time.perf_counter()
+
+    def __call__(self):
+        return self.before + time.perf_counter() - self.start
 
 
 MAX_SKIPPED_IN_A_ROW = 20   # non-finite updates in a row after which a stage stops

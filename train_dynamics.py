@@ -77,13 +77,14 @@ def main():
 
     dynamics = d4.Dynamics(cfg, bins.bins, ordered=bins.continuous).to(device)
     trainer = d4.Trainer(dynamics, cfg, device, total_steps=cfg.dynamics_steps)
-    step, rng = 0, np.random.default_rng(cfg.seed)
+    step, rng, clock = 0, np.random.default_rng(cfg.seed), d4.Stopwatch(state)
     if state:
         step = trainer.restore(state, checkpoint_path)
         d4.restore_random_state(state["random"], rng)
 
     def save():
-        trainer.save(checkpoint_path, step, cfg, action_bins=bins.bins, random=d4.random_state(rng))
+        trainer.save(checkpoint_path, step, cfg, action_bins=bins.bins, random=d4.random_state(rng),
+                     elapsed_s=clock())
 
     logger = d4.Logger(cfg, "dynamics")
     eval_batch = sample(cfg.eval_sequences, cfg.eval_context + cfg.eval_horizon, "eval",
@@ -103,7 +104,7 @@ def main():
                 bar.set_postfix(loss=f"{metrics['dynamics']:.4f}")
             if step % cfg.eval_every == 0 or step == cfg.dynamics_steps:
                 scores, columns = evaluate(dynamics, tokenizer, eval_batch, cfg, device)
-                logger.log(step, **scores)
+                logger.log(step, **scores, elapsed_s=clock())
                 video = logger.video(step, columns)
                 bar.write(f"step {step}: rollout PSNR {scores['rollout_psnr']:.2f} dB, copy-last-frame "
                           f"{scores['copy_psnr']:.2f}, shuffled actions {scores['shuffled_psnr']:.2f}; action effect "

@@ -47,7 +47,7 @@ def main():
 
     tokenizer = d4.Tokenizer(cfg).to(device)
     trainer = d4.Trainer(tokenizer, cfg, device, total_steps=cfg.mae_steps)
-    step = 0
+    step, clock = 0, d4.Stopwatch(state)
     rng = np.random.default_rng(cfg.seed)
     if state:
         step = trainer.restore(state, checkpoint_path)
@@ -57,7 +57,7 @@ def main():
         tokenizer.set_pixel_statistics(dataset.frames[train_index[::max(1, len(train_index) // 4000)]])
 
     def save():
-        trainer.save(checkpoint_path, step, cfg, random=d4.random_state(rng))
+        trainer.save(checkpoint_path, step, cfg, random=d4.random_state(rng), elapsed_s=clock())
 
     logger = d4.Logger(cfg, "mae")
     eval_batch = dataset.sample(cfg.eval_sequences, cfg.seq_len, "eval", np.random.default_rng(cfg.seed))
@@ -75,7 +75,7 @@ def main():
                 bar.set_postfix(mse=f"{metrics['mse']:.5f}")
             if step % cfg.eval_every == 0 or step == cfg.mae_steps:
                 score, columns = evaluate(tokenizer, eval_frames)
-                logger.log(step, psnr=score)
+                logger.log(step, psnr=score, elapsed_s=clock())
                 video = logger.video(step, columns)
                 bar.write(f"step {step}: held-out PSNR {score:.2f} dB, video {video}")
             if step % cfg.save_every == 0:

@@ -72,10 +72,12 @@ def main():
         imaginer.load_state_dict(state["imaginer"], checkpoint_path)
         progress = state["progress"]
         d4.restore_random_state(state["random"], rng, generator)
+    clock = d4.Stopwatch(progress)
     per_iteration = cfg.finetune_steps + cfg.imagination_steps
     total = per_iteration * (cfg.iterations + 1)
 
     def save():
+        progress["elapsed_s"] = clock()
         d4.save_checkpoint(checkpoint_path, model=agent.state_dict(), finetuner=finetuner.state_dict(),
                            imaginer=imaginer.state_dict(), progress=progress, config=dataclasses.asdict(cfg),
                            action_bins=bins.bins, random=d4.random_state(rng, generator))
@@ -96,7 +98,8 @@ def main():
         summary = d4.evaluation_summary({"eval": returns["eval"], **progress["baselines"]})
         if cfg.branch_contexts:
             summary.update(d4.branch_test(agent, tokenizer, bins, cfg, device, cfg.branch_contexts, seed=seed))
-        logger.log(step, iteration=iteration, **summary)
+        logger.log(step, iteration=iteration, **summary, data_frames=len(dataset.frames),
+                   env_steps=len(dataset.frames) * cfg.action_repeat, elapsed_s=clock())
         video = logger.video(step, [first["eval"]], name="policy_real")
         bar.write(f"iteration {iteration}: return over {cfg.eval_episodes} episodes, trained "
                   f"{summary['eval_return']:.1f} +- {summary['eval_return_se']:.1f}, BC prior "

@@ -141,6 +141,9 @@ def test_train_policy_evaluates_resumes_and_improves_online(tiny_run):
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"policy"' in line]
     keyed = lambda key: [r for r in records if key in r]  # noqa: E731
     assert [r["step"] for r in keyed("eval_return")] == [8, 16] and len(keyed("eval_return_se")) == 2
+    evals = keyed("eval_return")   # for learning curves: the data grew by the online round's episode
+    assert evals[0]["elapsed_s"] > 0 and evals[1]["env_steps"] > evals[0]["env_steps"] > 0
+    assert evals[1]["data_frames"] * 2 == evals[1]["env_steps"]   # action repeat 2
     baselines = [(r["random_return"], r["bc_return"]) for r in keyed("eval_return")]
     assert baselines[0] == baselines[1] and np.isfinite(baselines[0]).all()   # played once, on the same seeds
     for r in keyed("eval_return"):   # paired differences on the same tracks
