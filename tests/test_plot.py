@@ -1,0 +1,43 @@
+"""plot.py: the learning curve from metrics.jsonl."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+import plot
+
+
+def write_metrics(run_dir):
+    lines = [dict(stage="mae", step=10, psnr=20.0, elapsed_s=600.0), dict(stage="mae", step=20, mse=0.1),
+             dict(stage="dynamics", step=10, rollout_psnr=20.0, elapsed_s=900.0)]
+    for i, (mean, steps) in enumerate([(-50.0, 32000), (-20.0, 44000), (10.0, 56000)]):
+        lines.append(dict(stage="policy", step=100 * (i + 1), iteration=i, eval_return=mean, eval_return_se=5.0,
+                          bc_return=-55.0, bc_return_se=6.0, random_return=-60.0, random_return_se=4.0,
+                          env_steps=steps, data_frames=steps // 4, elapsed_s=1800.0 * (i + 1)))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_the_curve_reads_every_evaluation_with_the_earlier_stages_time(tmp_path):
+    write_metrics(tmp_path)
+    data = plot.curve(tmp_path)
+    assert data["env_steps"].tolist() == [32000, 44000, 56000] and data["mean"].tolist() == [-50, -20, 10]
+    assert data["hours"] == pytest.approx([(1500 + 1800) / 3600, (1500 + 3600) / 3600, (1500 + 5400) / 3600])
+    assert data["baselines"] == {"bc": (-55.0, 6.0), "random": (-60.0, 4.0)}
+    assert plot.curve(tmp_path, before_s=0)["hours"][0] == pytest.approx(0.5)
+
+
+def test_plot_writes_a_png_with_both_panels(tmp_path, stage):
+    write_metrics(tmp_path)
+    result = stage("plot.py", "--run-dir", str(tmp_path), "--out", str(tmp_path / "curve.png"))
+    assert result.returncode == 0 and "3 evaluations" in result.stdout
+    image = cv2.imread(str(tmp_path / "curve.png"))
+    assert image.shape == (plot.HEIGHT + 30, 2 * plot.WIDTH, 3)
+    trained = np.all(image == plot.COLORS["trained"], axis=-1)
+    assert trained[:, :plot.WIDTH].any() and trained[:, plot.WIDTH:].any()   # the curve is drawn in both panels
+
+
+def test_a_run_without_evaluations_is_a_one_line_error(tmp_path, stage):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(dict(stage="mae", step=1, mse=0.1)) + "\n")
+    result = stage("plot.py", "--run-dir", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "no evaluation" in result.stderr
