@@ -66,8 +66,7 @@ class Config:
     # environment and data
     image_size: int = arg(96, "frame side in pixels after resizing", "data", check=">=1")
     action_repeat: int = arg(2, "env steps per action, rewards summed (ours)", "data", check=">=1")
-    zoom_skip: int = arg(50, "no-op env steps after a CarRacing reset (its zoom-in)",
-                         "data", check=">=0")
+    zoom_skip: int = arg(50, "no-op env steps after a CarRacing reset (its zoom-in)", "data", check=">=0")
     max_episode_steps: int = arg(0, "episode time limit in env steps; 0: the env's own", "data", check=">=0")
     action_bins: int = arg(33, "bins per continuous action dimension, both bounds included (ours)",
                            "data", check=">=2")
@@ -75,8 +74,7 @@ class Config:
     explore_rest: str = arg("auto", "per action dim, chance the explorer holds it at 0; auto: 0,0,0.9 "
                                     "for CarRacing, else 0 (ours)", "data")
     num_envs: int = arg(0, "parallel envs for collection; 0: one per CPU core", "data", check=">=0")
-    holdout_every: int = arg(10, "every n-th episode, from the first, is held out",
-                             "data", check=">=2")
+    holdout_every: int = arg(10, "every n-th episode, from the first, is held out", "data", check=">=2")
     # transformer (shared by tokenizer and dynamics)
     time_every: int = arg(4, "every n-th block attends over time, the others over space", "transformer", check=">=1")
     mlp_ratio: float = arg(8 / 3, "SwiGLU hidden width, in multiples of the model width", "transformer", check=">0")
@@ -93,11 +91,9 @@ class Config:
     num_latents: int = arg(64, "latent tokens per frame (N_latent)", "tokenizer", check=">=1")
     latent_dim: int = arg(32, "width per latent token (D_latent), tanh-squashed", "tokenizer", check=">=1")
     max_mask_prob: float = arg(0.9, "MAE: a frame masks p ~ U(0, this) of its patches", "tokenizer", check="[0,1)")
-    lpips_weight: float = arg(0.0, "LPIPS loss weight (paper: 0.2; needs lpips); 0: off",
-                              "tokenizer", check=">=0")
+    lpips_weight: float = arg(0.0, "LPIPS loss weight (paper: 0.2; needs lpips); 0: off", "tokenizer", check=">=0")
     # interactive dynamics (SPEC Sec. 3)
-    dynamics_steps: int = arg(100_000, "dynamics training steps",
-                              "dynamics", check=">=1")
+    dynamics_steps: int = arg(100_000, "dynamics training steps", "dynamics", check=">=1")
     dyn_dim: int = arg(512, "dynamics width", "dynamics", check=">=1")
     dyn_heads: int = arg(8, "dynamics query heads", "dynamics", check=">=1")
     dyn_kv_heads: int = arg(2, "dynamics key/value heads (GQA)", "dynamics", check=">=1")
@@ -123,8 +119,7 @@ class Config:
     # agent (SPEC Sec. 4)
     finetune_steps: int = arg(20_000, "finetuning steps: BC, reward and continuation heads, dynamics loss on (Eq. 9)",
                               "agent", check=">=1")
-    imagination_steps: int = arg(10_000, "imagination training steps",
-                                 "agent", check=">=1")
+    imagination_steps: int = arg(10_000, "imagination training steps", "agent", check=">=1")
     mtp_length: int = arg(8, "multi-token prediction: policy and reward heads predict L steps ahead",
                           "agent", check=">=1")
     reward_bins: int = arg(255, "two-hot bins of the reward and value heads, even in symlog space",
