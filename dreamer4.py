@@ -43,6 +43,11 @@ def arg(default, help, stage, check=None):
     return field(default=default, metadata={"help": help, "stage": stage, "check": check})
 
 
+def flag(name):
+    """The command-line flag of a Config field: num_latents -> --num-latents."""
+    return "--" + name.replace("_", "-")
+
+
 CHECKS = {">=0": (lambda x: x >= 0, ">= 0"), ">=1": (lambda x: x >= 1, ">= 1"), ">=2": (lambda x: x >= 2, ">= 2"),
           ">0": (lambda x: x > 0, "> 0"), "[0,1]": (lambda x: 0 <= x <= 1, "in [0, 1]"),
           "[0,1)": (lambda x: 0 <= x < 1, "in [0, 1)"), "(0,1)": (lambda x: 0 < x < 1, "in (0, 1)")}
@@ -215,16 +220,16 @@ def parse_config(stage, description, argv=None):
     others = {name: [] for name in GROUPS if name not in shown}
     for f in dataclasses.fields(Config):
         if f.metadata["stage"] in others:
-            others[f.metadata["stage"]].append("--" + f.name.replace("_", "-"))
+            others[f.metadata["stage"]].append(flag(f.name))
     groups = {name: parser.add_argument_group(GROUPS[name]) for name in shown}
     for name, flags in others.items():
         listed = textwrap.fill(f"{', '.join(flags)}: see python {GROUP_SCRIPT[name]} --help", 114,
                                break_on_hyphens=False)
         groups[name] = parser.add_argument_group(GROUPS[name], listed)
     groups[shown[0]].add_argument("--steps", type=int, default=argparse.SUPPRESS, metavar="N", help=(
-        f"this stage's training steps (sets --{STAGE_STEPS[stage].replace('_', '-')})"))
+        f"this stage's training steps (sets {flag(STAGE_STEPS[stage])})"))
     for f in dataclasses.fields(Config):
-        flag, group = "--" + f.name.replace("_", "-"), groups[f.metadata["stage"]]
+        option, group = flag(f.name), groups[f.metadata["stage"]]
         values = {"default": f.default, **{name: p[f.name] for name, p in PRESETS.items()
                                            if p.get(f.name, f.default) != f.default}}
         shown_values = "; ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v or repr(v)}"
@@ -232,11 +237,11 @@ def parse_config(stage, description, argv=None):
         help = argparse.SUPPRESS if f.metadata["stage"] in others else \
             f"{f.metadata['help']} ({shown_values})".replace("%", "%%")
         if f.type is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+            group.add_argument(option, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         else:
             choices = {"preset": list(PRESETS), "device": ["auto", "cpu", "cuda"],
                        "wandb": ["online", "offline", "disabled"]}.get(f.name)
-            group.add_argument(flag, type=f.type, default=argparse.SUPPRESS, choices=choices, help=help,
+            group.add_argument(option, type=f.type, default=argparse.SUPPRESS, choices=choices, help=help,
                                metavar=None if choices else {int: "N", float: "X", str: "S"}[f.type])
     given = vars(parser.parse_args(argv))
     if "steps" in given:
@@ -253,20 +258,19 @@ def check_config(cfg):
     for f in dataclasses.fields(Config):
         value, check = getattr(cfg, f.name), f.metadata["check"]
         if check and not (math.isfinite(value) and CHECKS[check][0](value)):
-            raise ConfigError(f"--{f.name.replace('_', '-')} must be {CHECKS[check][1]}, not {value}")
+            raise ConfigError(f"{flag(f.name)} must be {CHECKS[check][1]}, not {value}")
     for size, part in (("image_size", "patch_size"), ("num_latents", "latent_tokens"), ("tok_dim", "tok_heads"),
                        ("tok_heads", "tok_kv_heads"), ("dyn_dim", "dyn_heads"), ("dyn_heads", "dyn_kv_heads"),
                        ("max_shortcut_steps", "sampling_steps")):
         if getattr(cfg, size) % getattr(cfg, part):
-            raise ConfigError(f"--{part.replace('_', '-')} {getattr(cfg, part)} must divide --"
-                              f"{size.replace('_', '-')} {getattr(cfg, size)}")
+            raise ConfigError(f"{flag(part)} {getattr(cfg, part)} must divide {flag(size)} {getattr(cfg, size)}")
     for name, heads in (("tok_dim", "tok_heads"), ("dyn_dim", "dyn_heads")):
         if getattr(cfg, name) // getattr(cfg, heads) % 2:
-            raise ConfigError(f"--{name.replace('_', '-')} / --{heads.replace('_', '-')} (the width per head) must "
-                              "be even: rotary embeddings split it in half")
+            raise ConfigError(f"{flag(name)} / {flag(heads)} (the width per head) must be even: rotary embeddings "
+                              "split it in half")
     for name in ("max_shortcut_steps", "sampling_steps"):
         if getattr(cfg, name) & (getattr(cfg, name) - 1):
-            raise ConfigError(f"--{name.replace('_', '-')} must be a power of 2, not {getattr(cfg, name)}")
+            raise ConfigError(f"{flag(name)} must be a power of 2, not {getattr(cfg, name)}")
     env_kwargs(cfg)
     unknown = sorted(set(filter(None, cfg.compile.split(","))) - {"mae", "dynamics"})
     if unknown:
@@ -299,12 +303,9 @@ def run_cli(main):
     (finished episodes and the checkpoint are on disk by then)."""
     try:
         main()
-    except ConfigError as e:
+    except (ConfigError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -1252,14 +1253,13 @@ class CheckedEnv(gym.Wrapper):
     the uint8 array of the shape its observation space declares, instead of a crash deep in the model."""
 
     def check(self, obs, reward=0.0):
-        space = self.observation_space
+        space, env = self.observation_space, self.spec.id if self.spec else self.unwrapped
         if not (isinstance(obs, np.ndarray) and obs.dtype == np.uint8 and obs.shape == space.shape):
             got = f"{obs.dtype} {obs.shape}" if isinstance(obs, np.ndarray) else type(obs).__name__
-            raise ConfigError(f"environment '{self.spec.id if self.spec else self.unwrapped}' returned a frame of "
-                              f"{got}, not the uint8 {space.shape} its observation space declares")
+            raise ConfigError(f"environment '{env}' returned a frame of {got}, not the uint8 {space.shape} its "
+                              "observation space declares")
         if not np.all(np.isfinite(reward)):
-            raise ConfigError(f"environment '{self.spec.id if self.spec else self.unwrapped}' returned the reward "
-                              f"{reward}; rewards must be finite")
+            raise ConfigError(f"environment '{env}' returned the reward {reward}; rewards must be finite")
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
@@ -1636,17 +1636,16 @@ def save_episode(path, episode):
 def worker_errors():
     """Around calls into an AsyncVectorEnv: a ConfigError raised in a worker (e.g. by CheckedEnv) reaches the user
     as its one line, without gymnasium's copy of the worker's traceback (a warning); any other error keeps it."""
+    caught = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             yield
     except ConfigError:
+        caught = []
         raise
-    except BaseException:
+    finally:
         for w in caught:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-        raise
-    for w in caught:
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def collect_random(cfg, data_dir):
@@ -1743,8 +1742,7 @@ class EpisodeDataset:
         self.truncated = np.empty(total, bool)
         for f, start, length in zip(files, self.starts, lengths):   # one episode decompressed at a time
             episode = read_episode(f)
-            if episode["frames"].shape[1:] != frame_shape or episode["actions"].shape[1:] != (action_dims,) \
-                    or len(episode["rewards"]) != length:
+            if episode["frames"].shape[1:] != frame_shape or episode["actions"].shape[1:] != (action_dims,):
                 raise ConfigError(f"{f} does not match the other episodes of {data_dir} (frames "
                                   f"{episode['frames'].shape[1:]}, actions {episode['actions'].shape[1:]}); delete it "
                                   "and run again")

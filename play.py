@@ -95,7 +95,7 @@ def parse_args():
         raise d4.ConfigError("--threads must be 1 or more")
     for name in ("frames", "context", "sampling_steps", "scale"):
         if getattr(args, name) < 0:
-            raise d4.ConfigError(f"--{name.replace('_', '-')} must be 0 or more")
+            raise d4.ConfigError(f"{d4.flag(name)} must be 0 or more")
     if args.agent and args.keys:
         raise d4.ConfigError("--agent drives by itself; leave out --keys")
     return args

@@ -22,8 +22,8 @@ from tqdm import tqdm
 import dreamer4 as d4
 
 # the world model's settings come from dynamics.pt, whatever the command line says
-WORLD_FIELDS = ("env", "env_kwargs", "image_size", "action_repeat", "zoom_skip", "action_bins",
-                "explore_rest", "holdout_every", "num_latents", "latent_dim", "time_every", "dyn_time_every", "mlp_ratio", "softcap",
+WORLD_FIELDS = ("env", "env_kwargs", "image_size", "action_repeat", "zoom_skip", "action_bins", "explore_rest",
+                "holdout_every", "num_latents", "latent_dim", "time_every", "dyn_time_every", "mlp_ratio", "softcap",
                 "dyn_dim", "dyn_heads", "dyn_kv_heads", "dyn_layers", "latent_tokens", "action_tokens",
                 "register_tokens", "max_shortcut_steps", "context_signal", "dyn_seq_len")
 COLLECT_SEED = 50_000   # online collection's tracks: apart from the evaluation's (d4.EVAL_SEED) and the random data's
@@ -103,8 +103,8 @@ def main():
         video = logger.video(step, [first["eval"]], name="policy_real")
         bar.write(f"iteration {iteration}: return over {cfg.eval_episodes} episodes, trained "
                   f"{summary['eval_return']:.1f} +- {summary['eval_return_se']:.1f}, BC prior "
-                  f"{summary['bc_return']:.1f} +- {summary['bc_return_se']:.1f}, random explorer {summary['random_return']:.1f} +- "
-                  f"{summary['random_return_se']:.1f} (standard errors); {video}")
+                  f"{summary['bc_return']:.1f} +- {summary['bc_return_se']:.1f}, random explorer "
+                  f"{summary['random_return']:.1f} +- {summary['random_return_se']:.1f} (standard errors); {video}")
         agent.train()
 
     def collect(iteration):
