@@ -150,6 +150,8 @@ class Config:
     iteration_episodes: int = arg(10, "episodes collected with the policy per online round", "agent", check=">=1")
     explore_prob: float = arg(0.2, "online collection: per-step probability of acting with the explorer",
                               "agent", check="[0,1]")
+    online_share: float = arg(0.5, "online rounds: share of each finetuning and imagination batch drawn from the "
+                                   "policy's own episodes (ours)", "agent", check="[0,1]")
     # optimization (every stage)
     batch_size: int = arg(32, "sequences per batch", "optimization", check=">=1")
     seq_len: int = arg(8, "frames per tokenizer training sequence (its causal window)", "tokenizer", check=">=1")
@@ -937,13 +939,15 @@ def head(dim, out):
 class AgentHeads(nn.Module):
     """Policy (a categorical over the bins per action dimension), reward (symexp two-hot), both multi-token over
     L distances; continuation (logit of "frame t is not terminal") and value (symexp two-hot). `bc_policy` is the
-    frozen copy of the behaviour-cloned policy, the prior of PMPO's KL term (set by freeze_prior)."""
+    behaviour-cloned policy: finetuning trains it (Eq. 9), imagination keeps it fixed as PMPO's prior and trains
+    `policy`, which start_policy initializes from it once; the online loop's rounds refit the prior on the grown
+    data and carry the imagination-trained policy over (ours)."""
 
     def __init__(self, cfg, action_bins):
         super().__init__()
         dim, self.length, self.action_bins = cfg.dyn_dim, cfg.mtp_length, list(action_bins)
         self.policy = head(dim, self.length * sum(self.action_bins))
-        self.bc_policy = head(dim, self.length * sum(self.action_bins)).requires_grad_(False)
+        self.bc_policy = head(dim, self.length * sum(self.action_bins))
         self.reward = head(dim, self.length * cfg.reward_bins)
         self.continuation = head(dim, 1)
         self.value = head(dim, cfg.reward_bins)
@@ -953,8 +957,9 @@ class AgentHeads(nn.Module):
         self.register_buffer("support", torch.linspace(-cfg.reward_range, cfg.reward_range, cfg.reward_bins),
                              persistent=False)
 
-    def freeze_prior(self):
-        self.bc_policy.load_state_dict(self.policy.state_dict())
+    def start_policy(self):
+        """The imagination-trained policy starts as the behaviour-cloned one."""
+        self.policy.load_state_dict(self.bc_policy.state_dict())
 
     def policy_logits(self, features, prior=False, distance=None):
         """features (..., D) -> per action dimension logits (..., L, bins_i), or (..., bins_i) at one distance."""
@@ -1003,7 +1008,8 @@ class Agent(nn.Module):
             return ((loss * valid).sum((0, 1)) / valid.sum((0, 1)).clamp_min(1)).sum()
         targets = actions[:, (ahead + 1).clamp(max=t - 1)]                       # a_{t+n} sits in row t+n+1
         valid = (ahead + 1 < t) & (targets >= 0).all(-1)
-        losses["bc"] = masked(-log_prob(self.heads.policy_logits(features), targets.clamp_min(0)), valid)
+        losses["bc"] = masked(-log_prob(self.heads.policy_logits(features, prior=True), targets.clamp_min(0)),
+                              valid)
         reward_nll = two_hot_loss(self.heads.reward_logits(features), rewards[:, ahead.clamp(max=t - 1)],
                                   self.heads.support)
         losses["reward"] = masked(reward_nll, ahead < t)
@@ -1076,7 +1082,7 @@ class Agent(nn.Module):
         positive, negative = (advantages >= 0).float(), (advantages < 0).float()
         pmpo = ((1 - self.alpha) * (logp * negative).sum() / negative.sum().clamp_min(1)
                 - self.alpha * (logp * positive).sum() / positive.sum().clamp_min(1))
-        prior = self.heads.policy_logits(features[:, :-1], prior=True, distance=0)
+        prior = [l.detach() for l in self.heads.policy_logits(features[:, :-1], prior=True, distance=0)]
         kl = kl_divergence(logits, prior).mean()
         entropy = -sum((l.float().softmax(-1) * l.float().log_softmax(-1)).sum(-1) for l in logits).mean()
         explained = 1 - (returns - values[:, :-1]).var() / returns.var().clamp_min(1e-8)
@@ -1754,20 +1760,23 @@ class EpisodeDataset:
         self.split = np.where(np.arange(len(files)) % holdout_every == 0, "eval", "train")
         self._window_starts = {}
 
-    def window_starts(self, split, length):
-        """All valid first indices of `length`-frame windows inside the episodes of `split`."""
-        key = (split, length)
+    def window_starts(self, split, length, first_episode=0, required=True):
+        """All valid first indices of `length`-frame windows inside the episodes of `split`, from the
+        `first_episode`-th file on; an error if there are none, unless not `required`."""
+        key = (split, length, first_episode)
         if key not in self._window_starts:
-            starts = [np.arange(start, start + n - length + 1) for start, n, s in
-                      zip(self.starts, self.lengths, self.split) if s == split and n >= length]
-            if not starts:
-                raise ConfigError(f"no {split} episode has {length} frames; collect more data or shorten seq_len")
-            self._window_starts[key] = np.concatenate(starts)
+            starts = [np.arange(start, start + n - length + 1) for e, (start, n, s) in
+                      enumerate(zip(self.starts, self.lengths, self.split))
+                      if e >= first_episode and s == split and n >= length]
+            self._window_starts[key] = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        if required and not len(self._window_starts[key]):
+            raise ConfigError(f"no {split} episode has {length} frames; collect more data or shorten seq_len")
         return self._window_starts[key]
 
-    def sample_index(self, batch, length, split, rng):
-        """Frame indices (B, T) of `batch` random windows, for indexing these or any frame-aligned arrays."""
-        return rng.choice(self.window_starts(split, length), size=batch)[:, None] + np.arange(length)
+    def sample_index(self, batch, length, split, rng, first_episode=0):
+        """Frame indices (B, T) of `batch` random windows (in the episodes from the `first_episode`-th file on),
+        for indexing these or any frame-aligned arrays."""
+        return rng.choice(self.window_starts(split, length, first_episode), size=batch)[:, None] + np.arange(length)
 
     def sample(self, batch, length, split, rng):
         """A batch of windows: dict of arrays shaped (B, T, ...); frames stay uint8 (B, T, H, W, 3)."""

@@ -9,8 +9,10 @@ predicted rewards). The evaluation plays --eval-episodes seeded episodes on the 
 time limit, every reward; the same code as evaluate.py) with the imagination-trained policy and, once, on the same
 tracks, with the random explorer (the data's policy) and the behaviour-cloned prior; it logs each mean with its
 standard error and the paired differences. With --iterations N it then alternates:
-collect --iteration-episodes episodes with the policy into data/, finetune on the grown dataset, imagination
-training, evaluation.
+collect --iteration-episodes episodes with the policy into data/ (full length, as the evaluation plays them),
+finetune on the grown dataset, imagination training, evaluation. In these rounds --online-share of every batch
+comes from the policy's own episodes, the BC prior is refit on the grown data, and the imagination-trained policy
+carries over from round to round (it starts as the BC prior only once).
 """
 import dataclasses
 from pathlib import Path
@@ -82,9 +84,15 @@ def main():
                            imaginer=imaginer.state_dict(), progress=progress, config=dataclasses.asdict(cfg),
                            action_bins=bins.bins, random=d4.random_state(rng, generator))
 
-    def sample(batch, length, rng):   # reads dataset, latents and action_bins as collect() leaves them
-        return d4.latent_batch(dataset, latents, action_bins, dataset.sample_index(batch, length, "train", rng),
-                               device)
+    def sample(batch, length, rng):
+        """Training windows; once the policy has played, --online-share of them from its own episodes. Reads
+        dataset, latents and action_bins as collect() leaves them."""
+        own_from = progress.get("own_from")   # the first episode file the policy played
+        own = (round(cfg.online_share * batch) if own_from is not None and
+               len(dataset.window_starts("train", length, own_from, required=False)) else 0)
+        index = np.concatenate([dataset.sample_index(batch - own, length, "train", rng)] +
+                               ([dataset.sample_index(own, length, "train", rng, own_from)] if own else []))
+        return d4.latent_batch(dataset, latents, action_bins, index, device)
 
     def evaluate(iteration, step):
         """The standard protocol; the baselines play once, their returns kept for the paired differences."""
@@ -113,12 +121,13 @@ def main():
         nonlocal dataset, latents, action_bins
         if progress["collect_start"] is None:
             progress.update(collect_start=len(d4.episode_files(run_dir / "data")), collect_played=0)
+            progress.setdefault("own_from", progress["collect_start"])
         agent.eval()
         start, played = progress["collect_start"], progress["collect_played"]
         seed = cfg.seed + COLLECT_SEED + start + played
         explorer = d4.AgentPolicy(agent, tokenizer, tokenizer.window, device, seed=seed,
                                   explorer=d4.random_explorer(bins, cfg, seed), explore_prob=cfg.explore_prob)
-        for streams in d4.play_episodes(cfg, explorer, cfg.iteration_episodes - played, seed):
+        for streams in d4.play_episodes(d4.evaluation_config(cfg), explorer, cfg.iteration_episodes - played, seed):
             files = len(d4.episode_files(run_dir / "data"))
             for i, stream in enumerate(streams):
                 d4.save_episode(run_dir / "data" / f"episode_{files + i:06d}.npz", stream)
@@ -161,7 +170,8 @@ def main():
                                          batch["terminated"])
             else:
                 if within == cfg.finetune_steps:
-                    agent.heads.freeze_prior()   # the behaviour-cloned policy: PMPO's prior
+                    if iteration == 0:
+                        agent.heads.start_policy()   # later rounds carry the policy over
                     log_diagnostics(progress["step"])
                 batch = sample(cfg.batch_size, cfg.imagination_context, rng)
                 rollout = agent.imagine(batch["latents"], batch["actions"], cfg.imagination_horizon,

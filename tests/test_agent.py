@@ -116,7 +116,7 @@ def test_imagination_diagnostics_on_a_hand_made_rollout(agent, tiny_cfg):
 
 
 def test_pmpo_raises_positive_and_lowers_negative_advantage_actions(agent, tiny_cfg):
-    agent.heads.freeze_prior()
+    agent.heads.start_policy()
     rollout = fabricated_rollout(tiny_cfg)
     positive = rollout["rewards"][:, 0] > 0
 
@@ -162,6 +162,25 @@ def test_finetuning_targets_are_aligned_and_the_loss_falls(agent, tiny_cfg):
     history = [trainer.step(agent.finetune_loss, latents, actions, rewards, terminated) for _ in range(40)]
     for term in ("bc", "reward", "continuation"):
         assert np.mean([h[term] for h in history[-5:]]) < 0.7 * np.mean([h[term] for h in history[:5]]), term
+
+
+def test_finetuning_trains_the_prior_and_imagination_the_policy(agent, tiny_cfg):
+    """Eq. 9's BC term reaches the prior's head (bc_policy) and never the imagination-trained policy, PMPO the
+    policy and never the prior: the online loop refits the prior while the policy carries over."""
+    latents, actions = random_inputs(tiny_cfg, b=2, t=6)
+    sum(agent.finetune_loss(latents, actions, torch.randn(2, 6), torch.zeros(2, 6, dtype=torch.bool))
+        .values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.heads.bc_policy.parameters())
+    assert all(p.grad is None for p in [*agent.heads.policy.parameters(), *agent.heads.value.parameters()])
+    agent.zero_grad(set_to_none=True)
+    losses = agent.imagination_loss(fabricated_rollout(tiny_cfg))[0]
+    (losses["policy"] + losses["value"]).backward()
+    assert all(p.grad is not None for p in agent.heads.policy.parameters())
+    assert all(p.grad is None for p in agent.heads.bc_policy.parameters())
+    agent.heads.start_policy()   # the policy starts as the prior
+    features = torch.randn(3, tiny_cfg.dyn_dim)
+    for a, b in zip(agent.heads.policy_logits(features), agent.heads.policy_logits(features, prior=True)):
+        assert torch.equal(a, b)
 
 
 def test_imagination_feeds_the_policys_sampled_actions_to_the_dynamics(agent, tiny_cfg):

@@ -63,6 +63,12 @@ def test_sampled_windows_never_cross_episode_ends(tmp_path):
         assert np.array_equal(batch["first"], index == 0)
         assert set(np.unique(episode)) == ({0, 3} if split == "eval" else {2, 4})   # 1 and 5 are too short
     assert len(dataset.window_starts("train", 5)) == (12 - 4) + (9 - 4)   # every valid start in 2 and 4, no more
+    # the online loop's own episodes: windows from the first_episode-th file on only
+    own = dataset.sample_index(500, 5, "train", rng, first_episode=3)[:, 0]
+    assert set(dataset.frames[own, 0, 0, 0]) == {4} and len(dataset.window_starts("train", 5, 3)) == 9 - 4
+    assert len(dataset.window_starts("train", 5, 5, required=False)) == 0   # 5 is too short
+    with pytest.raises(d4.ConfigError, match="no train episode has 5 frames"):
+        dataset.sample_index(1, 5, "train", rng, first_episode=5)
 
 
 def test_the_held_out_split_is_every_nth_episode_starting_with_the_first(tmp_path):
