@@ -628,8 +628,16 @@ class Tokenizer(nn.Module):
         p = torch.rand(b, t, 1, device=device) * self.max_mask_prob
         return torch.rand(b, t, self.num_patches, device=device) < p        # (B, T, N_patch), True = masked
 
-    def encode(self, frames, patch_mask=None):
-        """frames (B, T, 3, H, W) float in [0, 1] -> latents z (B, T, N_latent, D_latent) in [-1, 1]."""
+    @property
+    def streams_exactly(self):
+        """With one time block, the keys and values a frame gives it depend on that frame alone, so encoding one
+        frame at a time with a KVCache of the window's earlier frames equals re-encoding the whole window
+        (causal_windows) at the cost of one frame."""
+        return sum(block.over_time for block in self.encoder.blocks) == 1
+
+    def encode(self, frames, patch_mask=None, cache=None):
+        """frames (B, T, 3, H, W) float in [0, 1] -> latents z (B, T, N_latent, D_latent) in [-1, 1]. With a
+        KVCache, the frames' time block also attends to the cached frames, and these frames join the cache."""
         self.check_frames(frames)
         patches = self.patch_in(self.patchify((frames - self.pixel_mean) / self.pixel_std))   # (B, T, N_patch, D)
         if patch_mask is not None:
@@ -637,7 +645,7 @@ class Tokenizer(nn.Module):
         b, t = frames.shape[:2]
         latents = self.latent_tokens.expand(b, t, -1, -1)
         x = torch.cat([patches + self.patch_space, latents.to(patches.dtype)], dim=2)   # (B, T, S, D)
-        x = self.encoder(x, self.encoder_mask)
+        x = self.encoder(x, self.encoder_mask, cache=cache, commit=cache is not None)
         return torch.tanh(self.to_latent(x[:, :, self.num_patches:]))
 
     def decode(self, latents):
@@ -1108,15 +1116,20 @@ class AgentPolicy:
 
     def reset(self, num_streams):
         self.cache, self.history = KVCache(self.agent.window), []
+        self.frame_cache = KVCache(self.window - 1) if self.tokenizer.streams_exactly else None
         self.previous = torch.full((num_streams, 1, len(self.agent.heads.action_bins)), -1, device=self.device)
         if self.explorer is not None:
             self.explorer.reset(num_streams)
 
     @torch.no_grad()
     def __call__(self, frames):
-        self.history = (self.history + [frames])[-self.window:]
         with autocast(self.device):
-            z = self.tokenizer.encode(frames_to_tensor(np.stack(self.history, axis=1), self.device))[:, -1:].float()
+            if self.frame_cache is not None:   # one frame of compute (Tokenizer.streams_exactly)
+                z = self.tokenizer.encode(frames_to_tensor(frames[:, None], self.device), cache=self.frame_cache)
+            else:
+                self.history = (self.history + [frames])[-self.window:]
+                z = self.tokenizer.encode(frames_to_tensor(np.stack(self.history, axis=1), self.device))[:, -1:]
+            z = z.float()
             noise = torch.randn(z.shape, device=self.device, generator=self.generator)
             features = self.agent.dynamics.observe(self.cache, z, self.previous, noise, agent=True)[:, 0]
         logits = self.agent.heads.policy_logits(features, prior=self.prior, distance=0)

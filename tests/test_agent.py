@@ -214,6 +214,8 @@ def test_acting_costs_one_frame_per_step_and_real_env_evaluation_runs(agent, tin
     steps = len(episodes[-1][0]["frames"]) - 1   # the policy saw every frame but the last
     assert steps > 5 and policy.cache.frames == steps   # one dynamics frame per step
     assert all(k.shape[2] == min(steps, cfg.dyn_seq_len - 1) for k, _ in policy.cache.layers.values())   # window
+    assert tokenizer.streams_exactly and policy.frame_cache.frames == steps   # and one tokenizer frame per step
+    assert all(k.shape[2] == min(steps, cfg.seq_len - 1) for k, _ in policy.frame_cache.layers.values())
     again = d4.evaluate_returns(cfg, d4.AgentPolicy(agent, tokenizer, cfg.seq_len, torch.device("cpu"), seed=0), 2, 3)
     assert np.array_equal(returns, again)
 

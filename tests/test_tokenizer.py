@@ -55,6 +55,25 @@ def perturb_slots(x, slots):
     return changed
 
 
+@pytest.mark.parametrize("layers", [2, 4])
+def test_encoding_one_frame_at_a_time_equals_re_encoding_the_window(tiny_cfg, layers):
+    """What acting does (AgentPolicy): with one time block, frame by frame with a KV cache of the window's earlier
+    frames gives the latents of causal_windows (each frame encoded with the window before it, as the latent cache
+    and training see it); with two time blocks it would not (the cached keys carry older frames), so the policy
+    re-encodes the window there."""
+    tokenizer = d4.Tokenizer(dataclasses.replace(tiny_cfg, tok_enc_layers=layers, time_every=2)).eval()
+    assert tokenizer.streams_exactly == (layers == 2)
+    frames = frames_like(tokenizer, t=9)
+    with torch.no_grad():
+        windows = d4.causal_windows(tokenizer.encode, frames, tokenizer.window)
+        cache = d4.KVCache(tokenizer.window - 1)
+        streamed = torch.cat([tokenizer.encode(frames[:, t:t + 1], cache=cache) for t in range(9)], dim=1)
+    if tokenizer.streams_exactly:
+        torch.testing.assert_close(streamed, windows, atol=1e-5, rtol=1e-4)
+    else:
+        assert (streamed - windows)[:, tokenizer.window:].abs().amax() > 1e-4
+
+
 def test_encoder_patches_see_only_patches_and_latents_see_everything(tokenizer):
     patches, latents = slice(0, tokenizer.num_patches), slice(tokenizer.num_patches, None)
     x = torch.randn(2, 3, tokenizer.num_patches + tokenizer.num_latents, tokenizer.patch_space.shape[1])
