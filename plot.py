@@ -60,6 +60,7 @@ def panel(x, data, xlabel, xmax=None):
     py = lambda v: int(HEIGHT - MARGIN + 20 - (v - ylow) / (yhigh - ylow) * (HEIGHT - MARGIN - 10))  # noqa: E731
     font, gray = cv2.FONT_HERSHEY_SIMPLEX, (150, 150, 150)
     for tick in nice_ticks(ylow, yhigh):
+        tick = round(tick, 9) + 0.0   # no "-0"
         cv2.line(image, (MARGIN, py(tick)), (WIDTH - 20, py(tick)), (230, 230, 230), 1)
         cv2.putText(image, f"{tick:g}", (5, py(tick) + 4), font, 0.4, gray, 1, cv2.LINE_AA)
     for tick in nice_ticks(xlow, xhigh):

@@ -1,11 +1,11 @@
 #!/bin/sh
-# Issue 19's candidate CPU recipe (being measured; see docs/results.md, "What limits learning"): the small preset's
-# tokenizer and dynamics, then the agent with 7 online rounds: collect 10 full-length episodes with the policy,
+# Issue 19's CPU recipe (docs/results.md, "What limits learning"; about 2.6 h on a 2-core CPU): the small preset's
+# tokenizer and dynamics, then the agent with 8 online rounds: collect 10 full-length episodes with the policy,
 # finetune on the grown data (half of every batch from the policy's own episodes), refit the BC prior, 1000
 # imagination steps without the KL to the prior continuing the previous round's policy, evaluate on the standard
 # protocol. Resumable: run the same command again after an interruption. Then the learning curve:
-#   python plot.py --run-dir runs/recipe --out docs/curve.png
+#   python plot.py --run-dir runs/recipe --out docs/online_curve.png
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed 0 --resume \
-  --iterations 7 --pmpo-beta 0 --imagination-steps 1000
+  --iterations 8 --pmpo-beta 0 --imagination-steps 1000
