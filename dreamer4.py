@@ -1821,11 +1821,27 @@ def encode_dataset(tokenizer, dataset, window, device, batch=64, first_frame=0):
     """Latents (N - first_frame, N_latent, D_latent) float16 of every frame from first_frame (an episode start)
     on, with a progress bar. Each frame is encoded with the frames before it in its episode as context, at most
     `window` in all (the tokenizer's training length), exactly as when acting (see causal_windows); not in
-    non-overlapping windows, whose boundaries make latents jump (docs/results.md)."""
+    non-overlapping windows, whose boundaries make latents jump (docs/results.md). Where the tokenizer streams
+    exactly, `batch` episodes at a time go frame by frame through a KV cache (one frame of compute per frame);
+    otherwise each frame is re-encoded with its window."""
     from tqdm import tqdm
 
     total = len(dataset.frames) - first_frame
     latents = np.empty((total, tokenizer.num_latents, tokenizer.to_latent.out_features), np.float16)
+    if tokenizer.streams_exactly:
+        episodes = sorted((n, start) for start, n in zip(dataset.starts, dataset.lengths) if start >= first_frame)
+        with tqdm(total=total, desc="encode", unit="frame") as bar:
+            for i in range(0, len(episodes), batch):
+                lengths, starts = np.array(episodes[i:i + batch]).T
+                cache = KVCache(window - 1)
+                for t in range(lengths.max()):   # a shorter episode repeats its last frame, which is not kept
+                    index = starts + np.minimum(t, lengths - 1)
+                    with autocast(device):
+                        z = tokenizer.encode(frames_to_tensor(dataset.frames[index][:, None], device), cache=cache)
+                    keep = t < lengths
+                    latents[index[keep] - first_frame] = z[:, 0].float().cpu().numpy()[keep]
+                    bar.update(keep.sum())
+        return latents
     # jobs: (frame indices of one causal pass, how many of its last outputs to keep)
     jobs = []
     for start, n in zip(dataset.starts, dataset.lengths):

@@ -156,12 +156,16 @@ def test_single_agent_evaluation_returns_one_column(tiny_cfg):
     assert d4.evaluate_returns(cfg, policy, episodes=2, seed=0).shape == (2, 1)
 
 
-def test_every_frame_is_encoded_with_its_own_causal_window(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("layers", [2, 4])
+def test_every_frame_is_encoded_with_its_own_causal_window(tiny_cfg, tmp_path, layers):
     """Frame t's latents come from frames max(episode start, t - window + 1)..t, the same for every t, as when
-    acting; and new episodes can be encoded on their own."""
-    write_episodes(tmp_path, [3, 9], size=tiny_cfg.image_size)
+    acting; and new episodes can be encoded on their own. Both ways: streamed through a KV cache (one time block)
+    and re-encoding each frame's window (two), with episodes of different lengths in one batch."""
+    write_episodes(tmp_path, [3, 9, 6], size=tiny_cfg.image_size)
     dataset = d4.EpisodeDataset(tmp_path, holdout_every=2)
-    tokenizer = d4.Tokenizer(tiny_cfg).eval()
+    dataset.frames[:] = np.random.default_rng(0).integers(0, 256, dataset.frames.shape)   # frames that differ
+    tokenizer = d4.Tokenizer(dataclasses.replace(tiny_cfg, tok_enc_layers=layers, time_every=2)).eval()
+    assert tokenizer.streams_exactly == (layers == 2)
     with torch.no_grad():
         tokenizer.latent_tokens.normal_()   # make every latent depend clearly on its context
     latents = d4.encode_dataset(tokenizer, dataset, window=4, device=torch.device("cpu"), batch=2)
