@@ -8,13 +8,13 @@ import pytest
 import plot
 
 
-def write_metrics(run_dir):
+def write_metrics(run_dir, shift=0.0):
     lines = [dict(stage="mae", step=10, psnr=20.0, elapsed_s=600.0), dict(stage="mae", step=20, mse=0.1),
              dict(stage="dynamics", step=10, rollout_psnr=20.0, elapsed_s=900.0)]
     for i, (mean, steps) in enumerate([(-50.0, 32000), (-20.0, 44000), (10.0, 56000)]):
-        lines.append(dict(stage="policy", step=100 * (i + 1), iteration=i, eval_return=mean, eval_return_se=5.0,
-                          bc_return=-55.0, bc_return_se=6.0, random_return=-60.0, random_return_se=4.0,
-                          env_steps=steps, data_frames=steps // 4, elapsed_s=1800.0 * (i + 1)))
+        lines.append(dict(stage="policy", step=100 * (i + 1), iteration=i, eval_return=mean + shift,
+                          eval_return_se=5.0, bc_return=-55.0, bc_return_se=6.0, random_return=-60.0,
+                          random_return_se=4.0, env_steps=steps, data_frames=steps // 4, elapsed_s=1800.0 * (i + 1)))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
@@ -35,6 +35,21 @@ def test_plot_writes_a_png_with_both_panels(tmp_path, stage):
     assert image.shape == (plot.HEIGHT + 30, 2 * plot.WIDTH, 3)
     trained = np.all(image == plot.COLORS["trained"], axis=-1)
     assert trained[:, :plot.WIDTH].any() and trained[:, plot.WIDTH:].any()   # the curve is drawn in both panels
+
+
+def test_several_runs_share_one_figure_one_colour_each(tmp_path, stage):
+    for name, shift in (("seed0", 0.0), ("seed1", 60.0)):
+        (tmp_path / name).mkdir()
+        write_metrics(tmp_path / name, shift)
+    result = stage("plot.py", "--run-dir", str(tmp_path / "seed0"), str(tmp_path / "seed1"),
+                   "--out", str(tmp_path / "seeds.png"))
+    assert result.returncode == 0 and "6 evaluations" in result.stdout
+    image = cv2.imread(str(tmp_path / "seeds.png"))
+    below_legend = 30 + 28 + 16 * 4   # title, then the legend's four lines: two runs, two baselines
+    for color in plot.RUN_COLORS[:2]:
+        drawn = np.all(image[below_legend:] == color, axis=-1)
+        assert drawn[:, :plot.WIDTH].any() and drawn[:, plot.WIDTH:].any()
+    assert not np.all(image == plot.RUN_COLORS[2], axis=-1).any()   # no third curve
 
 
 def test_a_run_without_evaluations_is_a_one_line_error(tmp_path, stage):
