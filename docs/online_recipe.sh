@@ -5,6 +5,11 @@
 # imagination steps without the KL to the prior continuing the previous round's policy, evaluate on the standard
 # protocol. Resumable: run the same command again after an interruption. Then the learning curve:
 #   python plot.py --run-dir runs/recipe --out docs/online_curve.png
+# The README's two seeds are agent stages on one small run's tokenizer, dynamics and random-explorer data (the
+# README's runs/small, before any online round); the second:
+#   mkdir runs/seed1 && cp -r runs/small/data runs/small/tokenizer.pt runs/small/dynamics.pt runs/seed1/
+#   python train_policy.py --preset small --run-dir runs/seed1 --wandb disabled --seed 1 --iterations 8 \
+#     --pmpo-beta 0 --imagination-steps 1000
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed 0 --resume \
