@@ -3,7 +3,8 @@
 # tokenizer and dynamics, then the agent with 8 online rounds: collect 10 full-length episodes with the policy,
 # finetune on the grown data (half of every batch from the policy's own episodes), refit the BC prior, 1000
 # imagination steps without the KL to the prior continuing the previous round's policy, evaluate on the standard
-# protocol. Resumable: run the same command again after an interruption. Then the learning curve:
+# protocol. Usage: sh docs/online_recipe.sh [RUN_DIR] [SEED] (defaults runs/recipe, 0). Resumable: run the same
+# command again after an interruption. Then the learning curve:
 #   python plot.py --run-dir runs/recipe --out docs/online_curve.png
 # The README's two seeds are agent stages on one small run's tokenizer, dynamics and random-explorer data (the
 # README's runs/small, before any online round); the second:
@@ -12,5 +13,5 @@
 #     --pmpo-beta 0 --imagination-steps 1000
 set -e
 cd "$(dirname "$0")/.."
-python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed 0 --resume \
+python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
   --iterations 8 --pmpo-beta 0 --imagination-steps 1000
