@@ -185,7 +185,7 @@ def main():
                     metrics["imagined_return"] = float(np.mean(returns))
                     returns = []
                 logger.log(progress["step"], phase="finetune" if within < cfg.finetune_steps else "imagine",
-                           **metrics)
+                           elapsed_s=clock(), **metrics)   # the gaps between phases: collection and evaluation
                 bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("bc", "reward", "policy", "imagined_return")
                                  if k in metrics})
             last = within == per_iteration - 1   # every iteration's end gets an imagined video

@@ -144,6 +144,8 @@ def test_train_policy_evaluates_resumes_and_improves_online(tiny_run):
     evals = keyed("eval_return")   # for learning curves: the data grew by the online round's episode
     assert evals[0]["elapsed_s"] > 0 and evals[1]["env_steps"] > evals[0]["env_steps"] > 0
     assert evals[1]["data_frames"] * 2 == evals[1]["env_steps"]   # action repeat 2
+    times = [r["elapsed_s"] for r in records if "phase" in r or "eval_return" in r]   # where a round's time goes
+    assert len(times) > 2 and times == sorted(times) and times[-1] > evals[0]["elapsed_s"]
     baselines = [(r["random_return"], r["bc_return"]) for r in keyed("eval_return")]
     assert baselines[0] == baselines[1] and np.isfinite(baselines[0]).all()   # played once, on the same seeds
     for r in keyed("eval_return"):   # paired differences on the same tracks
