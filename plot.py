@@ -34,9 +34,9 @@ def curve(run_dir, before_s=None):
     if not evals:
         raise d4.ConfigError(f"{path} holds no evaluation with env_steps and elapsed_s (train_policy.py logs one per "
                              "iteration)")
-    if before_s is None:
-        before_s = sum(max((r["elapsed_s"] for r in lines if r["stage"] == stage and "elapsed_s" in r), default=0.0)
-                       for stage in ("mae", "dynamics"))
+    logged = sum(max((r["elapsed_s"] for r in lines if r["stage"] == stage and "elapsed_s" in r), default=0.0)
+                 for stage in ("mae", "dynamics"))
+    before_s = logged if logged > 0 or before_s is None else before_s   # --before-s only where none were logged
     return dict(env_steps=np.array([r["env_steps"] for r in evals], float),
                 hours=np.array([(before_s + r["elapsed_s"]) / 3600 for r in evals]),
                 mean=np.array([r["eval_return"] for r in evals]), se=np.array([r["eval_return_se"] for r in evals]),
@@ -97,8 +97,8 @@ def main():
                         help="runs whose train_policy.py has evaluated at least once (several: one curve each)")
     parser.add_argument("--out", default=None, help="PNG to write (default: curve.png in the first run's directory)")
     parser.add_argument("--before-s", type=float, default=None,
-                        help="seconds the tokenizer and dynamics stages took, where metrics.jsonl lacks them "
-                             "(the same for every run)")
+                        help="seconds the tokenizer and dynamics stages took, for the runs whose metrics.jsonl "
+                             "lacks them (an agent stage run on another run's world model)")
     parser.add_argument("--title", default="", help="a line above the plots")
     args = parser.parse_args()
     if args.before_s is not None and args.before_s < 0:
