@@ -11,6 +11,7 @@
 #   mkdir runs/seed1 && cp -r runs/small/data runs/small/tokenizer.pt runs/small/dynamics.pt runs/seed1/
 #   python train_policy.py --preset small --run-dir runs/seed1 --wandb disabled --seed 1 --iterations 8 \
 #     --pmpo-beta 0 --imagination-steps 1000
+# The third curve, every stage at seed 2 (its own world model): sh docs/online_recipe.sh runs/seed2 2
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
