@@ -6,7 +6,7 @@
 # protocol. Usage: sh docs/online_recipe.sh [RUN_DIR] [SEED] (defaults runs/recipe, 0). Resumable: run the same
 # command again after an interruption. Then the learning curve:
 #   python plot.py --run-dir runs/recipe --out docs/online_curve.png
-# The README's two seeds are agent stages on one small run's tokenizer, dynamics and random-explorer data (the
+# The README's seeds 0 and 1 are agent stages on one small run's tokenizer, dynamics and random-explorer data (the
 # README's runs/small, before any online round); the second:
 #   mkdir runs/seed1 && cp -r runs/small/data runs/small/tokenizer.pt runs/small/dynamics.pt runs/seed1/
 #   python train_policy.py --preset small --run-dir runs/seed1 --wandb disabled --seed 1 --iterations 8 \
