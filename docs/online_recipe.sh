@@ -12,6 +12,9 @@
 #   python train_policy.py --preset small --run-dir runs/seed1 --wandb disabled --seed 1 --iterations 8 \
 #     --pmpo-beta 0 --imagination-steps 1000
 # The third curve, every stage at seed 2 (its own world model): sh docs/online_recipe.sh runs/seed2 2
+# and its two rounds beyond the recipe:
+#   python train_policy.py --preset small --run-dir runs/seed2 --wandb disabled --seed 2 --iterations 10 \
+#     --pmpo-beta 0 --imagination-steps 1000 --resume
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
