@@ -12,7 +12,7 @@
 #   python train_policy.py --preset small --run-dir runs/seed1 --wandb disabled --seed 1 --iterations 8 \
 #     --pmpo-beta 0 --imagination-steps 1000
 # The third curve, every stage at seed 2 (its own world model): sh docs/online_recipe.sh runs/seed2 2
-# and its four rounds beyond the recipe (the README ran 10, then 12):
+# and its four rounds beyond the recipe (run as --iterations 10, then 12):
 #   python train_policy.py --preset small --run-dir runs/seed2 --wandb disabled --seed 2 --iterations 12 \
 #     --pmpo-beta 0 --imagination-steps 1000 --resume
 set -e
