@@ -137,6 +137,8 @@ class Config:
     pmpo_alpha: float = arg(0.5, "PMPO weight of the positive-advantage set (Eq. 11)", "agent", check="[0,1]")
     pmpo_beta: float = arg(0.3, "weight of the KL to the frozen behaviour-cloned policy (Eq. 11)",
                            "agent", check=">=0")
+    online_beta: float = arg(-1.0, "online rounds: weight of the KL to the BC prior refit on the grown data, from "
+                                   "round 1 (ours); <0: --pmpo-beta in every round", "agent")
     policy_lr: float = arg(3e-4, "AdamW learning rate of the policy and value heads in imagination",
                            "agent", check=">0")
     eval_episodes: int = arg(20, "seeded real-env episodes per policy evaluation, all policies on the same tracks",

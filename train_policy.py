@@ -173,10 +173,11 @@ def main():
                     if iteration == 0:
                         agent.heads.start_policy()   # later rounds carry the policy over
                     log_diagnostics(progress["step"])
+                agent.beta = cfg.online_beta if iteration > 0 and cfg.online_beta >= 0 else cfg.pmpo_beta
                 batch = sample(cfg.batch_size, cfg.imagination_context, rng)
                 rollout = agent.imagine(batch["latents"], batch["actions"], cfg.imagination_horizon,
                                         cfg.sampling_steps, generator)
-                metrics = imaginer.step(agent.imagination_loss, rollout)
+                metrics = dict(imaginer.step(agent.imagination_loss, rollout), kl_weight=agent.beta)
                 returns.append(rollout["rewards"].sum(1).mean().item())
             progress["step"] += 1
             bar.update(1)

@@ -134,7 +134,8 @@ def test_train_policy_evaluates_resumes_and_improves_online(tiny_run):
     first = run("train_policy.py", *quick)
     assert first.returncode == 0, first.stderr
     episodes = len(d4.episode_files(run_dir / "data"))
-    second = run("train_policy.py", *quick, "--iterations", "1", "--resume")   # one online round on top
+    # one online round on top
+    second = run("train_policy.py", *quick, "--iterations", "1", "--online-beta", "0.7", "--resume")
     assert second.returncode == 0, second.stderr
     assert len(d4.episode_files(run_dir / "data")) == episodes + 1
     assert torch.load(run_dir / "agent.pt", weights_only=True)["progress"]["step"] == 16
@@ -151,6 +152,8 @@ def test_train_policy_evaluates_resumes_and_improves_online(tiny_run):
     for r in keyed("eval_return"):   # paired differences on the same tracks
         assert r["episodes"] == 2 and r["trained_minus_bc"] == pytest.approx(r["eval_return"] - r["bc_return"])
     assert keyed("imagined_return") and {r["phase"] for r in keyed("bc")} == {"finetune"}
+    # the KL to the prior weighs --pmpo-beta in round 0 and --online-beta once the prior is refit
+    assert {(r["step"] > 8, r["kl_weight"]) for r in keyed("kl_weight")} == {(False, 0.3), (True, 0.7)}
     assert [r["step"] for r in keyed("prior_nll")] == [4, 12]   # at each freeze of the prior, with its baselines
     assert all(0 < r[k] < 20 for r in keyed("prior_nll") for k in ("prior_nll", "marginal_nll", "repeat_nll"))
     assert all(-1 <= r[k] <= 1 for r in keyed("prior_nll") for k in ("reward_real_corr", "reward_replay_corr"))
