@@ -50,7 +50,8 @@ def flag(name):
 
 CHECKS = {">=0": (lambda x: x >= 0, ">= 0"), ">=1": (lambda x: x >= 1, ">= 1"), ">=2": (lambda x: x >= 2, ">= 2"),
           ">0": (lambda x: x > 0, "> 0"), "[0,1]": (lambda x: 0 <= x <= 1, "in [0, 1]"),
-          "[0,1)": (lambda x: 0 <= x < 1, "in [0, 1)"), "(0,1)": (lambda x: 0 < x < 1, "in (0, 1)")}
+          "[0,1)": (lambda x: 0 <= x < 1, "in [0, 1)"), "(0,1)": (lambda x: 0 < x < 1, "in (0, 1)"),
+          "-1|>=0": (lambda x: x == -1 or x >= 0, "-1 or >= 0")}
 
 
 @dataclass
@@ -138,7 +139,7 @@ class Config:
     pmpo_beta: float = arg(0.3, "weight of the KL to the frozen behaviour-cloned policy (Eq. 11)",
                            "agent", check=">=0")
     online_beta: float = arg(-1.0, "online rounds: weight of the KL to the BC prior refit on the grown data, from "
-                                   "round 1 (ours); <0: --pmpo-beta in every round", "agent")
+                                   "round 1 (ours); -1: --pmpo-beta in every round", "agent", check="-1|>=0")
     policy_lr: float = arg(3e-4, "AdamW learning rate of the policy and value heads in imagination",
                            "agent", check=">0")
     eval_episodes: int = arg(20, "seeded real-env episodes per policy evaluation, all policies on the same tracks",
@@ -227,7 +228,7 @@ def parse_config(stage, description, argv=None):
             others[f.metadata["stage"]].append(flag(f.name))
     groups = {name: parser.add_argument_group(GROUPS[name]) for name in shown}
     for name, flags in others.items():
-        listed = textwrap.fill(f"{', '.join(flags)}: see python {GROUP_SCRIPT[name]} --help", 114,
+        listed = textwrap.fill(f"{', '.join(flags)}: see {GROUP_SCRIPT[name]} --help", 114,
                                break_on_hyphens=False)
         groups[name] = parser.add_argument_group(GROUPS[name], listed)
     groups[shown[0]].add_argument("--steps", type=int, default=argparse.SUPPRESS, metavar="N", help=(

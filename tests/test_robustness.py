@@ -112,6 +112,7 @@ def test_every_numeric_flag_has_a_range():
     (["--lr", "nan"], "--lr must be > 0, not nan"),
     (["--max-mask-prob", "1"], "--max-mask-prob must be in [0, 1)"),
     (["--seed", "-1"], "--seed must be >= 0"),
+    (["--online-beta", "-0.5"], "--online-beta must be -1 or >= 0, not -0.5"),
     (["--patch-size", "7"], "--patch-size 7 must divide --image-size 32"),
     (["--latent-tokens", "3"], "--latent-tokens 3 must divide --num-latents 4"),
     (["--dyn-kv-heads", "3", "--dyn-heads", "4"], "--dyn-kv-heads 3 must divide --dyn-heads 4"),
