@@ -15,6 +15,11 @@
 # and its four rounds beyond the recipe (run as --iterations 10, then 12):
 #   python train_policy.py --preset small --run-dir runs/seed2 --wandb disabled --seed 2 --iterations 12 \
 #     --pmpo-beta 0 --imagination-steps 1000 --resume
+# The seed-2 probe with a small KL to the refit prior from round 1 (docs/results.md) ran the agent stage on copies
+# of runs/seed2's round-0 inputs (its first 126 episodes, data/complete, tokenizer.pt, dynamics.pt) in a new
+# runs/seed2_onlinebeta:
+#   python train_policy.py --preset small --run-dir runs/seed2_onlinebeta --wandb disabled --seed 2 --iterations 8 \
+#     --pmpo-beta 0 --imagination-steps 1000 --online-beta 0.03
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
