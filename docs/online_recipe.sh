@@ -20,6 +20,11 @@
 # runs/seed2_onlinebeta:
 #   python train_policy.py --preset small --run-dir runs/seed2_onlinebeta --wandb disabled --seed 2 --iterations 8 \
 #     --pmpo-beta 0 --imagination-steps 1000 --online-beta 0.03
+# The side-by-side on a rebuilt seed-0 world model (docs/results.md): the whole pipeline with the flag,
+#   python run.py --preset small --run-dir runs/seed0_onlinebeta --wandb disabled --seed 0 --resume --iterations 8 \
+#     --pmpo-beta 0 --imagination-steps 1000 --online-beta 0.03
+# copied after round 1's collection (cp -r runs/seed0_onlinebeta runs/seed0_beta0) and continued there with this
+# script's flags (sh docs/online_recipe.sh runs/seed0_beta0); both ran at once with OMP_NUM_THREADS=1.
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
