@@ -1,18 +1,25 @@
 #!/bin/sh
-# Issue 19's CPU recipe (docs/results.md, "What limits learning"; about 2.6 h on a 2-core CPU): the small preset's
-# tokenizer and dynamics, then the agent with 8 online rounds: collect 10 full-length episodes with the policy,
-# finetune on the grown data (half of every batch from the policy's own episodes), refit the BC prior, 1000
+# Issue 19's CPU recipe (docs/results.md, "What limits learning"; about 2.4 h on a 2-core CPU): the small preset's
+# tokenizer and dynamics, then the agent with 10 online rounds: collect 10 full-length episodes with the policy,
+# finetune on the grown data (half of every batch from the policy's own episodes), refit the BC prior, 400
 # imagination steps without the KL to the prior continuing the previous round's policy, evaluate on the standard
 # protocol. Usage: sh docs/online_recipe.sh [RUN_DIR] [SEED] (defaults runs/recipe, 0). Resumable: run the same
 # command again after an interruption. Then the learning curve:
 #   python plot.py --run-dir runs/recipe --out docs/online_curve.png
+# Until commit 00ec37b the recipe imagined 1000 steps a round for 8 rounds (--iterations 8 --imagination-steps
+# 1000); the runs below up to the side-by-side on the rebuilt seed-0 world model used that, then 400 steps learned
+# faster on that world model (docs/results.md). Compact copies of those last runs' evaluations (docs/curves/):
+#   python plot.py --run-dir docs/curves/imagine1000 docs/curves/imagine400 docs/curves/imagine400_finetune1000 \
+#     --before-s 1554 --out docs/online_curve_wm3.png
 # The README's seeds 0 and 1 are agent stages on one small run's tokenizer, dynamics and random-explorer data (the
 # README's runs/small, before any online round); the second:
 #   mkdir runs/seed1 && cp -r runs/small/data runs/small/tokenizer.pt runs/small/dynamics.pt runs/seed1/
 #   python train_policy.py --preset small --run-dir runs/seed1 --wandb disabled --seed 1 --iterations 8 \
 #     --pmpo-beta 0 --imagination-steps 1000
-# The third curve, every stage at seed 2 (its own world model): sh docs/online_recipe.sh runs/seed2 2
-# and its four rounds beyond the recipe (run as --iterations 10, then 12):
+# The third curve, every stage at seed 2 (its own world model), with the recipe's flags at the time:
+#   python run.py --preset small --run-dir runs/seed2 --wandb disabled --seed 2 --resume --iterations 8 \
+#     --pmpo-beta 0 --imagination-steps 1000
+# and its four rounds beyond that recipe (run as --iterations 10, then 12):
 #   python train_policy.py --preset small --run-dir runs/seed2 --wandb disabled --seed 2 --iterations 12 \
 #     --pmpo-beta 0 --imagination-steps 1000 --resume
 # The seed-2 probe with a small KL to the refit prior from round 1 (docs/results.md) ran the agent stage on copies
@@ -24,8 +31,14 @@
 #   python run.py --preset small --run-dir runs/seed0_onlinebeta --wandb disabled --seed 0 --resume --iterations 8 \
 #     --pmpo-beta 0 --imagination-steps 1000 --online-beta 0.03
 # copied after round 1's collection (cp -r runs/seed0_onlinebeta runs/seed0_beta0) and continued there with this
-# script's flags (sh docs/online_recipe.sh runs/seed0_beta0); both ran at once with OMP_NUM_THREADS=1.
+# script's flags at the time (--iterations 8 --imagination-steps 1000, beta 0); both ran at once with
+# OMP_NUM_THREADS=1. The 400-step arms ran on copies of that run's round-0 inputs (its first 126 episodes,
+# data/complete, tokenizer.pt, dynamics.pt), one thread each, side by side:
+#   python train_policy.py --preset small --run-dir runs/seed0_imagine400 --wandb disabled --seed 0 --iterations 16 \
+#     --pmpo-beta 0 --imagination-steps 400            # (stopped after round 11; --iterations only sets the stop)
+#   python train_policy.py --preset small --run-dir runs/seed0_finetune1000 --wandb disabled --seed 0 \
+#     --iterations 16 --pmpo-beta 0 --imagination-steps 400 --finetune-steps 1000     # (stopped after round 5)
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
-  --iterations 8 --pmpo-beta 0 --imagination-steps 1000
+  --iterations 10 --pmpo-beta 0 --imagination-steps 400
