@@ -8,7 +8,8 @@
 #   python plot.py --run-dir runs/recipe --out docs/online_curve.png
 # Until commit 00ec37b the recipe imagined 1000 steps a round for 8 rounds (--iterations 8 --imagination-steps
 # 1000); the runs below up to the side-by-side on the rebuilt seed-0 world model used that, then 400 steps learned
-# faster on that world model (docs/results.md). Compact copies of those last runs' evaluations (docs/curves/):
+# faster on that world model (docs/results.md). Compact copies of those last runs' evaluations (docs/curves/;
+# imagine1000 and imagine1000_onlinebeta are the side-by-side's two arms below):
 #   python plot.py --run-dir docs/curves/imagine1000 docs/curves/imagine400 docs/curves/imagine400_finetune1000 \
 #     --before-s 1554 --out docs/online_curve_wm3.png
 # The README's seeds 0 and 1 are agent stages on one small run's tokenizer, dynamics and random-explorer data (the
