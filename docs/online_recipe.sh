@@ -5,7 +5,7 @@
 # imagination steps without the KL to the prior continuing the previous round's policy, evaluate on the standard
 # protocol. Usage: sh docs/online_recipe.sh [RUN_DIR] [SEED] (defaults runs/recipe, 0). Resumable: run the same
 # command again after an interruption. Then the learning curve:
-#   python plot.py --run-dir runs/recipe --out docs/online_curve.png
+#   python plot.py --run-dir runs/recipe              # writes runs/recipe/curve.png
 # Until commit 00ec37b the recipe imagined 1000 steps a round for 8 rounds (--iterations 8 --imagination-steps
 # 1000); the runs below up to the side-by-side on the rebuilt seed-0 world model used that, then 400 steps learned
 # faster on that world model (docs/results.md). Compact copies of those last runs' evaluations (docs/curves/;
@@ -39,6 +39,13 @@
 #     --pmpo-beta 0 --imagination-steps 400            # (stopped after round 11; --iterations only sets the stop)
 #   python train_policy.py --preset small --run-dir runs/seed0_finetune1000 --wandb disabled --seed 0 \
 #     --iterations 16 --pmpo-beta 0 --imagination-steps 400 --finetune-steps 1000     # (stopped after round 5)
+# The 400-step arm's second agent seed, on copies of the same round-0 inputs, beside this script at seed 2 (its own
+# world model, sh docs/online_recipe.sh runs/recipe_seed2 2), one thread each:
+#   python train_policy.py --preset small --run-dir runs/seed0_imagine400_seed1 --wandb disabled --seed 1 \
+#     --iterations 10 --pmpo-beta 0 --imagination-steps 400
+# The README's figure of the three recipe runs (imagine400 is agent seed 0 above):
+#   python plot.py --run-dir docs/curves/imagine400 docs/curves/recipe_wm0_seed1 docs/curves/recipe_wm2 \
+#     --before-s 1554 --out docs/online_curve_recipe.png
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
