@@ -1,5 +1,5 @@
 #!/bin/sh
-# Issue 19's CPU recipe (docs/results.md, "What limits learning"; about 2.4 h on a 2-core CPU): the small preset's
+# Issue 19's CPU recipe (docs/results.md, "What limits learning"; 2.4-2.6 h on a 2-core CPU): the small preset's
 # tokenizer and dynamics, then the agent with 10 online rounds: collect 10 full-length episodes with the policy,
 # finetune on the grown data (half of every batch from the policy's own episodes), refit the BC prior, 400
 # imagination steps without the KL to the prior continuing the previous round's policy, evaluate on the standard
@@ -12,8 +12,8 @@
 # imagine1000 and imagine1000_onlinebeta are the side-by-side's two arms below):
 #   python plot.py --run-dir docs/curves/imagine1000 docs/curves/imagine400 docs/curves/imagine400_finetune1000 \
 #     --before-s 1554 --out docs/online_curve_wm3.png
-# The README's seeds 0 and 1 are agent stages on one small run's tokenizer, dynamics and random-explorer data (the
-# README's runs/small, before any online round); the second:
+# docs/online_curve.png (the 1000-step recipe): seeds 0 and 1 are agent stages on one small run's tokenizer,
+# dynamics and random-explorer data (the README's runs/small, before any online round); the second:
 #   mkdir runs/seed1 && cp -r runs/small/data runs/small/tokenizer.pt runs/small/dynamics.pt runs/seed1/
 #   python train_policy.py --preset small --run-dir runs/seed1 --wandb disabled --seed 1 --iterations 8 \
 #     --pmpo-beta 0 --imagination-steps 1000
