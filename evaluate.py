@@ -2,6 +2,7 @@
 
     python evaluate.py --run-dir runs/small                      # 20 episodes each: trained, BC, random, uniform
     python evaluate.py --run-dir runs/small --policies trained --episodes 5 --render human
+    python evaluate.py --run-dir runs/recipe --checkpoint agent_best.pt     # online rounds: the best-collecting one
 
 Every policy plays the same seeded episodes (seeds disjoint from the training data's), each under the env's own
 time limit with every reward counted, CarRacing's zoom-in steps included. Prints each policy's mean return with its
@@ -22,6 +23,9 @@ POLICIES = {"trained": "eval", "bc": "bc", "random": "random", "uniform": "unifo
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="runs/carracing", help="a run with tokenizer.pt and agent.pt")
+    parser.add_argument("--checkpoint", default="agent.pt",
+                        help="the agent checkpoint in --run-dir: agent.pt (the last round's policy, default) or "
+                             "agent_best.pt (online rounds: the round whose collected episodes scored best)")
     parser.add_argument("--episodes", type=int, default=20, help="seeded episodes per policy (default 20)")
     parser.add_argument("--policies", default="trained,bc,random,uniform",
                         help="comma-separated, of trained, bc, random, uniform (default all four)")
@@ -53,13 +57,17 @@ def main():
     args, names = parse_args()
     run_dir = Path(args.run_dir)
     device = d4.pick_device(args.device)
-    state = d4.load_checkpoint(run_dir / "agent.pt", "run train_policy.py on this --run-dir first")
+    path = run_dir / args.checkpoint
+    state = d4.load_checkpoint(path, "run train_policy.py on this --run-dir first" +
+                               (" with --iterations" if args.checkpoint != "agent.pt" else ""))
+    if d4.checkpoint_kind(state) != "agent.pt":
+        raise d4.ConfigError(f"{path} holds no agent checkpoint; pass agent.pt or agent_best.pt")
     tokenizer, _, _ = d4.load_tokenizer(run_dir, device)
     cfg = dataclasses.replace(d4.Config(**state["config"]), run_dir=str(run_dir), wandb="disabled",
                               eval_max_episode_steps=args.max_episode_steps)
     bins = d4.env_action_bins(cfg)
     agent = d4.Agent(cfg, bins.bins).to(device).eval()
-    d4.load_weights(agent, state["model"], run_dir / "agent.pt")
+    d4.load_weights(agent, state["model"], path)
     seed = (cfg.seed if args.seed is None else args.seed) + d4.EVAL_SEED
     policies = d4.evaluation_policies([POLICIES[name] for name in names], agent, tokenizer, bins, cfg, device, seed,
                                       args.greedy)
@@ -82,7 +90,8 @@ def main():
               "of macro actions as reality does (chance 0.5)")
     print(f"{args.episodes} episodes per policy, seeds {seed}..{seed + args.episodes - 1}, standard errors; "
           f"appended to {logger.path}")
-    logger.log(state["progress"]["step"], policies=names, greedy=args.greedy, seed=seed, **summary)
+    logger.log(state["progress"]["step"], checkpoint=args.checkpoint, policies=names, greedy=args.greedy, seed=seed,
+               **summary)
     logger.close()
 
 

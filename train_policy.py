@@ -12,7 +12,9 @@ standard error and the paired differences. With --iterations N it then alternate
 collect --iteration-episodes episodes with the policy into data/ (full length, as the evaluation plays them),
 finetune on the grown dataset, imagination training, evaluation. In these rounds --online-share of every batch
 comes from the policy's own episodes, the BC prior is refit on the grown data, and the imagination-trained policy
-carries over from round to round (it starts as the BC prior only once).
+carries over from round to round (it starts as the BC prior only once). After the last round one more collection
+scores the final policy. agent_best.pt keeps the round's policy whose collected episodes scored best (on the
+collection's tracks, never the evaluation's): `python evaluate.py --checkpoint agent_best.pt` plays it.
 """
 import dataclasses
 from pathlib import Path
@@ -78,9 +80,9 @@ def main():
     per_iteration = cfg.finetune_steps + cfg.imagination_steps
     total = per_iteration * (cfg.iterations + 1)
 
-    def save():
+    def save(path=checkpoint_path):
         progress["elapsed_s"] = clock()
-        d4.save_checkpoint(checkpoint_path, model=agent.state_dict(), finetuner=finetuner.state_dict(),
+        d4.save_checkpoint(path, model=agent.state_dict(), finetuner=finetuner.state_dict(),
                            imaginer=imaginer.state_dict(), progress=progress, config=dataclasses.asdict(cfg),
                            action_bins=bins.bins, random=d4.random_state(rng, generator))
 
@@ -120,7 +122,8 @@ def main():
         Resumable: progress counts the episodes already saved."""
         nonlocal dataset, latents, action_bins
         if progress["collect_start"] is None:
-            progress.update(collect_start=len(d4.episode_files(run_dir / "data")), collect_played=0)
+            progress.update(collect_start=len(d4.episode_files(run_dir / "data")), collect_played=0,
+                            collect_returns=[])
             progress.setdefault("own_from", progress["collect_start"])
         agent.eval()
         start, played = progress["collect_start"], progress["collect_played"]
@@ -132,12 +135,25 @@ def main():
             for i, stream in enumerate(streams):
                 d4.save_episode(run_dir / "data" / f"episode_{files + i:06d}.npz", stream)
             progress["collect_played"] += 1
+            progress.setdefault("collect_returns", []).append(float(np.mean([d4.episode_return(s) for s in streams])))
             save()
-            bar.write(f"iteration {iteration}: collected an episode, return "
-                      f"{np.mean([d4.episode_return(s) for s in streams]):.1f}")
+            bar.write(f"iteration {iteration}: collected an episode, return {progress['collect_returns'][-1]:.1f}")
         agent.train()
+        if progress.get("collect_returns"):   # (absent in a collection begun by an older version)
+            keep_best(iteration - 1, *d4.mean_and_se(progress["collect_returns"]))
         progress.update(collect_start=None, collected=iteration)
         dataset, latents, _, action_bins = d4.world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device)
+
+    def keep_best(played, mean, se):
+        """Selection on the collection's tracks, never the evaluation's: the policy of round `played` keeps its
+        weights in agent_best.pt when its collected episodes (with the explorer's share of steps) score best so far."""
+        best = progress.get("best")
+        logger.log(progress["step"], iteration=played, collect_return=mean, collect_return_se=se)
+        if best is None or mean > best["collect_return"]:
+            progress["best"] = dict(iteration=played, collect_return=mean)
+            save(run_dir / "agent_best.pt")
+            bar.write(f"iteration {played}: its collection return {mean:.1f} +- {se:.1f} is the best so far; "
+                      f"its policy kept in {run_dir / 'agent_best.pt'}")
 
     def log_diagnostics(step):   # the finetuned heads on held-out data
         agent.eval()
@@ -161,6 +177,8 @@ def main():
                 progress["evaluated"].append(step)
                 save()
             if step == total:
+                if cfg.iterations and progress["collected"] < iteration:
+                    collect(iteration)   # scores the last round's policy for agent_best.pt (its data stays)
                 break
             if within == 0 and progress["collected"] < iteration:
                 collect(iteration)

@@ -137,7 +137,7 @@ def test_train_policy_evaluates_resumes_and_improves_online(tiny_run):
     # one online round on top
     second = run("train_policy.py", *quick, "--iterations", "1", "--online-beta", "0.7", "--resume")
     assert second.returncode == 0, second.stderr
-    assert len(d4.episode_files(run_dir / "data")) == episodes + 1
+    assert len(d4.episode_files(run_dir / "data")) == episodes + 2   # round 1's, then the final policy's score
     assert torch.load(run_dir / "agent.pt", weights_only=True)["progress"]["step"] == 16
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"policy"' in line]
     keyed = lambda key: [r for r in records if key in r]  # noqa: E731
@@ -160,6 +160,12 @@ def test_train_policy_evaluates_resumes_and_improves_online(tiny_run):
     assert all(0 <= r["advantage_positive"] <= 1 and r["policy_entropy"] > 0 for r in keyed("advantage_positive"))
     assert (run_dir / "videos" / "policy_real_0000016.mp4").exists()
     assert (run_dir / "videos" / "policy_imagined_0000008.mp4").exists()
+    # each round's policy is scored by the episodes it collects; agent_best.pt keeps the best-scoring one
+    scores = keyed("collect_return")
+    assert [r["iteration"] for r in scores] == [0, 1] and all(np.isfinite(r["collect_return"]) for r in scores)
+    best = torch.load(run_dir / "agent_best.pt", weights_only=True)["progress"]["best"]
+    assert best == dict(iteration=int(np.argmax([r["collect_return"] for r in scores])),
+                        collect_return=max(r["collect_return"] for r in scores))
 
 
 def test_evaluate_logs_the_standard_protocol_and_matches_training(tiny_run):
@@ -182,9 +188,20 @@ def test_evaluate_logs_the_standard_protocol_and_matches_training(tiny_run):
     assert line["eval_return"] == trained["eval_return"] and line["random_return"] == trained["random_return"]
     assert (run_dir / "videos" / "evaluate_trained_0000000.mp4").exists()
     assert "bc_return" not in line and "branch_agreement" in line and "branch_pairs" in line
+    # the kept best-collecting policy plays as it did in its round's evaluation (same weights, same tracks)
+    best = torch.load(run_dir / "agent_best.pt", weights_only=True)["progress"]["best"]["iteration"]
+    result = run("evaluate.py", "--run-dir", str(run_dir), "--episodes", "2", "--max-episode-steps", "30",
+                 "--policies", "trained", "--branches", "0", "--checkpoint", "agent_best.pt")
+    assert result.returncode == 0, result.stderr
+    line = json.loads(open(run_dir / "metrics.jsonl").readlines()[-1])
+    rounds = [json.loads(r) for r in open(run_dir / "metrics.jsonl") if '"eval_return"' in r and '"iteration"' in r]
+    assert line["checkpoint"] == "agent_best.pt"
+    assert line["eval_return"] == next(r["eval_return"] for r in rounds if r["iteration"] == best)
 
 
 def test_evaluate_refuses_bad_input_in_one_line(tiny_run, tmp_path, stage):
     assert "agent.pt" in one_line_error(stage("evaluate.py", "--run-dir", str(tmp_path)))
     assert "--policies" in one_line_error(stage("evaluate.py", "--run-dir", str(tiny_run[0]), "--policies", "best"))
     assert "--episodes" in one_line_error(stage("evaluate.py", "--run-dir", str(tiny_run[0]), "--episodes", "0"))
+    assert "no agent checkpoint" in one_line_error(stage("evaluate.py", "--run-dir", str(tiny_run[0]),
+                                                         "--checkpoint", "tokenizer.pt"))
