@@ -9,7 +9,9 @@ One file, read top to bottom like the paper's appendix:
   6. the agent: heads, finetuning, imagination, PMPO and acting (Eq. 9-11; SPEC Sec. 4)
   7. environments, action binning, online collection and the episode dataset
   8. checkpoints, metrics and videos
-Equation numbers are the paper's; "SPEC" is ../shared/SPEC.md. Choices the paper leaves open are marked (ours).
+The standard evaluation protocol and the instruments that measure learning (branch test, prior and reward-head
+quality) are in evaluate.py. Equation numbers are the paper's; "SPEC" is ../shared/SPEC.md. Choices the paper
+leaves open are marked (ours).
 """
 import argparse
 import dataclasses
@@ -146,8 +148,8 @@ class Config:
                              "agent", check=">=1")
     eval_max_episode_steps: int = arg(0, "evaluation time limit in env steps; 0: the env's own (the standard "
                                          "protocol; others only for quick tests)", "agent", check=">=0")
-    branch_contexts: int = arg(16, "real contexts of the branch test at each evaluation (see branch_test); 0: off",
-                               "agent", check=">=0")
+    branch_contexts: int = arg(16, "real contexts of the branch test at each evaluation (evaluate.branch_test); "
+                                   "0: off", "agent", check=">=0")
     iterations: int = arg(0, "online rounds after imagination: collect with the policy, finetune, imagine "
                              "(ours)", "agent", check=">=0")
     iteration_episodes: int = arg(10, "episodes collected with the policy per online round", "agent", check=">=1")
@@ -1060,7 +1062,7 @@ class Agent(nn.Module):
         """How well the behaviour-cloned prior predicts the next action on real windows (latents (B, T, N, Dl),
         actions (B, T, dims), row t holding a_{t-1}): the negative log-likelihood (nats, summed over action
         dimensions) of a_t at distance 0, per frame t < T - 1, and the targets a_t and previous actions a_{t-1}
-        (B, T - 1, dims) for comparing with action_baseline_nll (-1 where there is none)."""
+        (B, T - 1, dims) for comparing with evaluate.action_baseline_nll (-1 where there is none)."""
         logits = self.heads.policy_logits(self.features(latents, actions)[:, :-1], prior=True, distance=0)
         targets = actions[:, 1:]
         return -log_prob(logits, targets.clamp_min(0)), targets, actions[:, :-1]
@@ -1485,146 +1487,6 @@ def episode_return(stream):
     return stream["reset_reward"] + float(np.sum(stream["rewards"]))
 
 
-def evaluate_returns(cfg, policy, episodes, seed):
-    """Each agent's return in `episodes` seeded episodes (see play_episodes), shape (episodes, N)."""
-    return np.array([[episode_return(stream) for stream in streams]
-                     for streams in play_episodes(cfg, policy, episodes, seed)])
-
-
-EVAL_SEED = 10_000   # evaluation tracks are seeds seed + EVAL_SEED, ...: apart from those of the training data
-
-
-def evaluation_policies(names, agent, tokenizer, bins, cfg, device, seed, greedy=False):
-    """name -> policy: eval (the imagination-trained policy), bc (its frozen behaviour-cloned prior), random (the
-    random explorer that collected the data), uniform (uniform over the action bins, drawn anew every step)."""
-    make = dict(eval=lambda: AgentPolicy(agent, tokenizer, tokenizer.window, device, seed=seed, greedy=greedy),
-                bc=lambda: AgentPolicy(agent, tokenizer, tokenizer.window, device, True, seed, greedy=greedy),
-                random=lambda: random_explorer(bins, cfg, seed),
-                uniform=lambda: RandomExplorer(bins, np.random.default_rng(seed), max_hold=1))
-    return {name: make[name]() for name in names}
-
-
-def evaluation_config(cfg):
-    """cfg with the evaluation's time limit: the env's own unless eval_max_episode_steps (quick tests)."""
-    return dataclasses.replace(cfg, max_episode_steps=cfg.eval_max_episode_steps)
-
-
-def evaluate_policies(cfg, policies, episodes, seed, render_mode=None):
-    """The standard protocol (SPEC Sec. 6): each policy plays the same `episodes` seeded episodes under the env's
-    own time limit (unless cfg.eval_max_episode_steps), every reward counted, the reset no-ops included. Returns
-    name -> per-episode returns (episodes,) (a multi-agent env's: the mean over its agents), and name -> the first
-    episode's frames (T, H, W, 3) of its first agent."""
-    from tqdm import tqdm
-
-    cfg = evaluation_config(cfg)
-    returns, first = {}, {}
-    with tqdm(total=episodes * len(policies), desc="evaluate", unit="episode", leave=False) as bar:
-        for name, policy in policies.items():
-            played = []
-            for streams in play_episodes(cfg, policy, episodes, seed, 1 if render_mode == "human" else 32,
-                                         render_mode):
-                played.append(np.mean([episode_return(stream) for stream in streams]))
-                first.setdefault(name, np.stack(streams[0]["frames"]))
-                bar.update(1)
-            returns[name] = np.array(played)
-    return returns, first
-
-
-def macro_actions(bins, env_id):
-    """Constant actions for branch_test, name -> action values (dims,): CarRacing's gas, brake, left and right; for a
-    Discrete space each action (at most 8); for other Boxes each dimension at either bound, the others at 0."""
-    if bins.continuous and "CarRacing" in env_id and bins.dims == 3:
-        return dict(gas=[0, 1, 0], brake=[0, 0, 0.8], left=[-1, 0.5, 0], right=[1, 0.5, 0])
-    if not bins.continuous:
-        return {str(a): [a] for a in range(min(bins.bins[0], 8))}
-    return {f"{i}{end}": [bound if j == i else 0.0 for j in range(bins.dims)]
-            for i in range(bins.dims) for end, bound in (("-", bins.low[i]), ("+", bins.high[i]))}
-
-
-def branch_test(agent, tokenizer, bins, cfg, device, contexts=16, prefix=None, horizon=8, seed=0):
-    """Does imagination rank actions as reality does? From `contexts` real states of a single-agent env (seeded
-    resets, then `prefix` >= imagination_context random-explorer steps, by default imagination_context: later the
-    explorer has often left the track, where every action scores the same), each macro action (macro_actions) is held
-    for `horizon` steps in the real env (replaying seed and prefix: the env is deterministic) and in imagination
-    (from the last imagination_context real frames, the same actions replayed); episodes under the evaluation's
-    time limit (evaluation_config). Returns branch_agreement: over the
-    pairs of macro actions whose real returns differ by more than 0.1, the fraction whose imagined returns are in
-    the same order (chance: 0.5); and branch_pairs, their number."""
-    cfg = evaluation_config(cfg)
-    macros = np.stack([bins.to_bins(np.asarray(value, np.float64)) for value in macro_actions(bins, cfg.env).values()])
-    c, m = cfg.imagination_context, len(macros)
-    prefix = prefix or c
-    env = make_env(cfg)
-
-    def play(k, actions):   # frames and rewards of a seeded episode under the given bin indices
-        obs, _ = env.reset(seed=seed + k)
-        frames, rewards = [obs], []
-        for action in actions:
-            obs, reward, terminated, truncated, _ = env.step(bins.to_env(bins.from_bins(action[None]))[0])
-            frames.append(obs), rewards.append(reward)
-            if terminated or truncated:
-                break
-        return frames, rewards
-
-    real, contexts_frames, contexts_actions = [], [], []
-    try:
-        for k in range(contexts):
-            explorer = random_explorer(bins, cfg, seed + k)
-            explorer.reset(1)
-            plan = [explorer()[0] for _ in range(prefix)]
-            frames, _ = play(k, plan)
-            if len(frames) < prefix + 1:   # the episode ended during the prefix
-                continue
-            real.append([sum(play(k, plan + [macro] * horizon)[1][prefix:]) for macro in macros])
-            contexts_frames.append(np.stack(frames[-c:]))
-            contexts_actions.append(np.stack(plan[-c:]))   # frame t of the context was led to by plan[t - 1]
-    finally:
-        env.close()
-    n = len(real)
-    if n == 0:
-        return dict(branch_agreement=None, branch_pairs=0)
-    with torch.no_grad(), autocast(device):
-        latents = causal_windows(tokenizer.encode, frames_to_tensor(np.stack(contexts_frames), device),
-                                 tokenizer.window).float()
-    replay = torch.from_numpy(macros)[:, None].expand(m, horizon, -1).repeat(n, 1, 1).to(device)   # (n M, H, dims)
-    rollout = agent.imagine(latents.repeat_interleave(m, 0),
-                            torch.from_numpy(np.stack(contexts_actions)).to(device).repeat_interleave(m, 0),
-                            horizon, cfg.sampling_steps, torch.Generator(device).manual_seed(seed), replay=replay)
-    agreement, pairs = rank_agreement(np.array(real), rollout["rewards"].sum(1).view(n, m).cpu().numpy())
-    return dict(branch_agreement=agreement, branch_pairs=pairs)
-
-
-def rank_agreement(real, imagined, tolerance=0.1):
-    """real and imagined returns (contexts, actions) -> the fraction of the pairs of actions of a context whose real
-    returns differ by more than `tolerance` that the imagined ones order the same way (None without such pairs),
-    and the number of those pairs."""
-    i, j = np.triu_indices(real.shape[1], 1)
-    differ = np.abs(real[:, i] - real[:, j]) > tolerance
-    same = np.sign(real[:, i] - real[:, j]) == np.sign(imagined[:, i] - imagined[:, j])
-    return (float(same[differ].mean()) if differ.any() else None), int(differ.sum())
-
-
-def mean_and_se(values):
-    """Mean and its standard error (sample std / sqrt(n); 0 for one value) of a 1-D array."""
-    values = np.asarray(values, np.float64)
-    se = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return float(values.mean()), float(se)
-
-
-def evaluation_summary(returns):
-    """returns: policy name -> per-episode returns (episodes,) on the same seeds, "eval" the trained policy. ->
-    {"episodes", "<name>_return", "<name>_return_se"} and, paired on the same tracks, "trained_minus_<name>" with
-    "trained_minus_<name>_se" (mean and standard error of the per-episode differences) for every other name."""
-    summary = {"episodes": len(next(iter(returns.values())))}
-    for name, values in returns.items():
-        summary[f"{name}_return"], summary[f"{name}_return_se"] = mean_and_se(values)
-    for name, values in returns.items():
-        if "eval" in returns and name != "eval":
-            difference = np.asarray(returns["eval"]) - np.asarray(values)
-            summary[f"trained_minus_{name}"], summary[f"trained_minus_{name}_se"] = mean_and_se(difference)
-    return summary
-
-
 def episode_files(data_dir):
     return sorted(Path(data_dir).glob("episode_*.npz"))
 
@@ -1906,67 +1768,6 @@ def latent_batch(dataset, latents, action_bins, index, device):
     tensor = lambda array: torch.from_numpy(array[index]).to(device)  # noqa: E731
     return dict(latents=tensor(latents).float(), actions=tensor(action_bins), rewards=tensor(dataset.rewards),
                 terminated=tensor(dataset.terminated), index=index)
-
-
-def action_baseline_nll(train_actions, bins, targets, previous):
-    """Two baselines for the BC prior's negative log-likelihood (Agent.prior_nll), in nats summed over action
-    dimensions, per target: the data's marginal per dimension (bin frequencies of the training rows, add-one
-    smoothed), and "repeat the previous action", p(a) = r [a = a_prev] + (1 - r) marginal(a) with r the fraction of
-    training steps that repeat it. train_actions (N, dims) bin indices in episode order, -1 at episode starts;
-    targets and previous (..., dims) -> (marginal, repeat) NLLs (...)."""
-    train_actions = np.asarray(train_actions)
-    log_marginal, repeat = [], []
-    for i, n in enumerate(bins):
-        present = train_actions[:, i][train_actions[:, i] >= 0]
-        log_marginal.append(torch.from_numpy(np.log((np.bincount(present, minlength=n) + 1) / (len(present) + n))))
-        pairs = (train_actions[1:, i] >= 0) & (train_actions[:-1, i] >= 0)
-        repeat.append(float((train_actions[1:, i] == train_actions[:-1, i])[pairs].mean()))
-    marginal_nll, repeat_nll = 0.0, 0.0
-    for i, (log_p, r) in enumerate(zip(log_marginal, repeat)):
-        target = targets[..., i].clamp_min(0).cpu()
-        p = log_p.float()[target].exp()
-        marginal_nll = marginal_nll - p.log()
-        repeat_nll = repeat_nll - (r * (target == previous[..., i].cpu()).float() + (1 - r) * p).log()
-    return marginal_nll, repeat_nll
-
-
-def prior_quality(agent, dataset, latents, action_bins, bins, cfg, device):
-    """The BC prior's next-action NLL on held-out windows (Agent.prior_nll) against the data's marginal and
-    "repeat the previous action" (action_baseline_nll, fitted on the training episodes): prior_nll, marginal_nll,
-    repeat_nll in nats, over the steps where a previous action exists."""
-    index = dataset.sample_index(cfg.eval_sequences, cfg.dyn_seq_len, "eval", np.random.default_rng(cfg.seed))
-    held_out = latent_batch(dataset, latents, action_bins, index, device)
-    nll, targets, previous = agent.prior_nll(held_out["latents"], held_out["actions"])
-    train = np.concatenate([np.arange(start, start + n) for start, n, split in
-                            zip(dataset.starts, dataset.lengths, dataset.split) if split == "train"])
-    marginal, repeat = action_baseline_nll(action_bins[train], bins.bins, targets, previous)
-    valid = ((targets >= 0) & (previous >= 0)).all(-1).cpu()
-    return {name: value.cpu()[valid].mean().item() for name, value in
-            (("prior_nll", nll), ("marginal_nll", marginal), ("repeat_nll", repeat))}
-
-
-def correlation(x, y):
-    """Pearson correlation of two 1-D tensors (0 where either is constant)."""
-    x, y = x.float() - x.float().mean(), y.float() - y.float().mean()
-    return ((x * y).sum() / (x.norm() * y.norm()).clamp_min(1e-8)).item()
-
-
-def reward_calibration(agent, dataset, latents, action_bins, cfg, device):
-    """The reward head against real rewards on held-out windows: per frame, read from the real frames
-    (reward_real_bias: mean predicted minus real; reward_real_corr: their correlation), and summed over
-    eval_horizon frames dreamed from imagination_context real ones with the real actions replayed
-    (reward_replay_bias, reward_replay_corr across windows)."""
-    c, h = cfg.imagination_context, cfg.eval_horizon
-    index = dataset.sample_index(cfg.eval_sequences, c + h, "eval", np.random.default_rng(cfg.seed + 1))
-    batch = latent_batch(dataset, latents, action_bins, index, device)
-    with torch.no_grad():
-        predicted = agent.heads.predicted_reward(agent.features(batch["latents"], batch["actions"]))
-        replayed = agent.imagine(batch["latents"][:, :c], batch["actions"][:, :c], h, cfg.sampling_steps,
-                                 torch.Generator(device).manual_seed(cfg.seed), replay=batch["actions"][:, c:])
-    real, dreamed = batch["rewards"][:, c:].sum(1), replayed["rewards"].sum(1)
-    return dict(reward_real_bias=(predicted - batch["rewards"]).mean().item(),
-                reward_real_corr=correlation(predicted.flatten(), batch["rewards"].flatten()),
-                reward_replay_bias=(dreamed - real).mean().item(), reward_replay_corr=correlation(dreamed, real))
 
 
 def frames_to_uint8(frames):

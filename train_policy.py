@@ -24,13 +24,14 @@ import torch
 from tqdm import tqdm
 
 import dreamer4 as d4
+import evaluate as ev
 
 # the world model's settings come from dynamics.pt, whatever the command line says
 WORLD_FIELDS = ("env", "env_kwargs", "image_size", "action_repeat", "zoom_skip", "action_bins", "explore_rest",
                 "holdout_every", "num_latents", "latent_dim", "time_every", "dyn_time_every", "mlp_ratio", "softcap",
                 "dyn_dim", "dyn_heads", "dyn_kv_heads", "dyn_layers", "latent_tokens", "action_tokens",
                 "register_tokens", "max_shortcut_steps", "context_signal", "dyn_seq_len")
-COLLECT_SEED = 50_000   # online collection's tracks: apart from the evaluation's (d4.EVAL_SEED) and the random data's
+COLLECT_SEED = 50_000   # online collection's tracks: apart from the evaluation's (ev.EVAL_SEED) and the random data's
 
 
 def imagined_video(tokenizer, batch, rollout, device, clips=4):
@@ -99,15 +100,15 @@ def main():
     def evaluate(iteration, step):
         """The standard protocol; the baselines play once, their returns kept for the paired differences."""
         agent.eval()
-        seed = cfg.seed + d4.EVAL_SEED
+        seed = cfg.seed + ev.EVAL_SEED
         names = ["eval"] + ([] if progress.get("baselines") else ["random", "bc"])
-        returns, first = d4.evaluate_policies(cfg, d4.evaluation_policies(names, agent, tokenizer, bins, cfg, device,
+        returns, first = ev.evaluate_policies(cfg, ev.evaluation_policies(names, agent, tokenizer, bins, cfg, device,
                                                                           seed), cfg.eval_episodes, seed)
         if "baselines" not in progress:
             progress["baselines"] = {name: returns[name].tolist() for name in ("random", "bc")}
-        summary = d4.evaluation_summary({"eval": returns["eval"], **progress["baselines"]})
+        summary = ev.evaluation_summary({"eval": returns["eval"], **progress["baselines"]})
         if cfg.branch_contexts:
-            summary.update(d4.branch_test(agent, tokenizer, bins, cfg, device, cfg.branch_contexts, seed=seed))
+            summary.update(ev.branch_test(agent, tokenizer, bins, cfg, device, cfg.branch_contexts, seed=seed))
         logger.log(step, iteration=iteration, **summary, data_frames=len(dataset.frames),
                    env_steps=len(dataset.frames) * cfg.action_repeat, elapsed_s=clock())
         video = logger.video(step, [first["eval"]], name="policy_real")
@@ -130,7 +131,7 @@ def main():
         seed = cfg.seed + COLLECT_SEED + start + played
         explorer = d4.AgentPolicy(agent, tokenizer, tokenizer.window, device, seed=seed,
                                   explorer=d4.random_explorer(bins, cfg, seed), explore_prob=cfg.explore_prob)
-        for streams in d4.play_episodes(d4.evaluation_config(cfg), explorer, cfg.iteration_episodes - played, seed):
+        for streams in d4.play_episodes(ev.evaluation_config(cfg), explorer, cfg.iteration_episodes - played, seed):
             files = len(d4.episode_files(run_dir / "data"))
             for i, stream in enumerate(streams):
                 d4.save_episode(run_dir / "data" / f"episode_{files + i:06d}.npz", stream)
@@ -140,7 +141,7 @@ def main():
             bar.write(f"iteration {iteration}: collected an episode, return {progress['collect_returns'][-1]:.1f}")
         agent.train()
         if progress.get("collect_returns"):   # (absent in a collection begun by an older version)
-            keep_best(iteration - 1, *d4.mean_and_se(progress["collect_returns"]))
+            keep_best(iteration - 1, *ev.mean_and_se(progress["collect_returns"]))
         progress.update(collect_start=None, collected=iteration)
         dataset, latents, _, action_bins = d4.world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device)
 
@@ -157,8 +158,8 @@ def main():
 
     def log_diagnostics(step):   # the finetuned heads on held-out data
         agent.eval()
-        scores = d4.prior_quality(agent, dataset, latents, action_bins, bins, cfg, device)
-        calibration = d4.reward_calibration(agent, dataset, latents, action_bins, cfg, device)
+        scores = ev.prior_quality(agent, dataset, latents, action_bins, bins, cfg, device)
+        calibration = ev.reward_calibration(agent, dataset, latents, action_bins, cfg, device)
         logger.log(step, **scores, **calibration)
         bar.write("held-out windows: BC prior next-action NLL (nats) " +
                   ", ".join(f"{name} {value:.3f}" for name, value in scores.items()) + "; reward head " +

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dreamer4 as d4
+import evaluate as ev
 
 BINS = [5, 4]
 
@@ -216,7 +217,7 @@ def test_acting_costs_one_frame_per_step_and_real_env_evaluation_runs(agent, tin
     assert all(k.shape[2] == min(steps, cfg.dyn_seq_len - 1) for k, _ in policy.cache.layers.values())   # window
     assert tokenizer.streams_exactly and policy.frame_cache.frames == steps   # and one tokenizer frame per step
     assert all(k.shape[2] == min(steps, cfg.seq_len - 1) for k, _ in policy.frame_cache.layers.values())
-    again = d4.evaluate_returns(cfg, d4.AgentPolicy(agent, tokenizer, cfg.seq_len, torch.device("cpu"), seed=0), 2, 3)
+    again = ev.evaluate_returns(cfg, d4.AgentPolicy(agent, tokenizer, cfg.seq_len, torch.device("cpu"), seed=0), 2, 3)
     assert np.array_equal(returns, again)
 
 
@@ -282,7 +283,7 @@ def test_action_baselines_of_the_prior_on_hand_made_actions():
     smoothed; 3 of the 4 steps inside episodes repeat the previous action."""
     train = np.array([[-1], [0], [1], [1], [1], [-1], [0], [0]])
     targets, previous = torch.tensor([[1], [0]]), torch.tensor([[1], [1]])
-    marginal, repeat = d4.action_baseline_nll(train, [3], targets, previous)
+    marginal, repeat = ev.action_baseline_nll(train, [3], targets, previous)
     p0, p1 = (3 + 1) / (6 + 3), (3 + 1) / (6 + 3)
     r = 3 / 4                                        # 1->1, 1->1, 0->0 repeat; 0->1 does not
     torch.testing.assert_close(marginal, torch.tensor([-math.log(p1), -math.log(p0)]), check_dtype=False)
@@ -295,5 +296,5 @@ def test_replayed_imagination_takes_the_given_actions(agent, tiny_cfg):
     replay = torch.stack([torch.randint(0, n, (3, 4)) for n in BINS], dim=-1)
     rollout = agent.imagine(latents, actions, horizon=4, steps=2, replay=replay)
     assert torch.equal(rollout["actions"], replay)
-    assert d4.correlation(torch.tensor([1.0, 2, 3]), torch.tensor([2.0, 4, 7])) == pytest.approx(
+    assert ev.correlation(torch.tensor([1.0, 2, 3]), torch.tensor([2.0, 4, 7])) == pytest.approx(
         np.corrcoef([1, 2, 3], [2, 4, 7])[0, 1], rel=1e-5)

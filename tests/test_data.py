@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dreamer4 as d4
+import evaluate as ev
 
 
 def test_box_action_bins_round_trip_within_half_a_bin():
@@ -139,21 +140,21 @@ def test_evaluation_drives_every_car_with_the_same_policy_and_reports_each_retur
 
     def run():
         policy = recorder()
-        return d4.evaluate_returns(cfg, policy, episodes=2, seed=5), policy.seen
+        return ev.evaluate_returns(cfg, policy, episodes=2, seed=5), policy.seen
 
     returns, seen = run()
     assert returns.shape == (2, 2) and set(seen) == {(4, 32, 32, 3)}   # one call: both cars of both episodes
     assert np.array_equal(returns, run()[0])                           # seeded env and policy: repeatable
     assert (returns >= -100 - 0.1 * 60).all() and (returns < 1000).all()   # reward bounds of the rules
     assert (returns[:, 0] != returns[:, 1]).all()                            # each car's own return
-    averaged, _ = d4.evaluate_policies(dataclasses.replace(cfg, eval_max_episode_steps=60), {"r": recorder()}, 2, 5)
+    averaged, _ = ev.evaluate_policies(dataclasses.replace(cfg, eval_max_episode_steps=60), {"r": recorder()}, 2, 5)
     assert np.allclose(averaged["r"], returns.mean(1))   # an episode's return: the mean over its agents
 
 
 def test_single_agent_evaluation_returns_one_column(tiny_cfg):
     cfg = tiny_cfg.__class__(**{**vars(tiny_cfg), "max_episode_steps": 40})
     policy = d4.RandomExplorer(d4.ActionBins(gym.spaces.Box(-1, 1, (3,)), 33), np.random.default_rng(0))
-    assert d4.evaluate_returns(cfg, policy, episodes=2, seed=0).shape == (2, 1)
+    assert ev.evaluate_returns(cfg, policy, episodes=2, seed=0).shape == (2, 1)
 
 
 @pytest.mark.parametrize("layers", [2, 4])

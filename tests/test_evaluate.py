@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dreamer4 as d4
+import evaluate as ev
 
 
 class Scripted:
@@ -33,7 +34,7 @@ def test_an_evaluation_episode_is_the_raw_envs_episode_step_for_step(tiny_cfg):
     indices = np.random.default_rng(0).integers(14, 19, (300, 3))   # nearly straight:
     indices[:, 1], indices[:, 2] = 8, 0                              # a quarter of the gas visits some tiles,
     indices[25:, 1], indices[25:, 2] = 0, 32                         # then it brakes before leaving the playfield
-    returns, first = d4.evaluate_policies(cfg, {"scripted": Scripted(indices)}, episodes=1, seed=7)
+    returns, first = ev.evaluate_policies(cfg, {"scripted": Scripted(indices)}, episodes=1, seed=7)
 
     env = gym.make("CarRacing-v3")
     env.unwrapped._render = lambda mode: None   # rewards and time limit do not read the frames: skip the drawing
@@ -58,7 +59,7 @@ def test_an_evaluation_episode_is_the_raw_envs_episode_step_for_step(tiny_cfg):
 
 
 def test_paired_statistics_of_hand_made_returns():
-    summary = d4.evaluation_summary({"eval": np.array([1.0, 2.0, 6.0]), "bc": np.array([0.0, 2.0, 1.0]),
+    summary = ev.evaluation_summary({"eval": np.array([1.0, 2.0, 6.0]), "bc": np.array([0.0, 2.0, 1.0]),
                                      "random": np.array([-1.0, -1.0, -1.0])})
     assert summary["episodes"] == 3
     assert summary["eval_return"] == pytest.approx(3.0)
@@ -69,15 +70,15 @@ def test_paired_statistics_of_hand_made_returns():
     assert summary["trained_minus_bc_se"] == pytest.approx(math.sqrt(7) / math.sqrt(3))
     assert summary["random_return_se"] == 0 and summary["trained_minus_random"] == pytest.approx(4.0)
     assert "trained_minus_eval" not in summary
-    assert d4.mean_and_se([5.0]) == (5.0, 0.0)
+    assert ev.mean_and_se([5.0]) == (5.0, 0.0)
 
 
 def test_every_policy_plays_the_same_tracks(tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg, eval_max_episode_steps=20)
     straight = np.array([[16, 0, 0]])   # no gas: the car stands, so the first frames show only the track
-    returns, first = d4.evaluate_policies(cfg, {"a": Scripted(straight), "b": Scripted(straight)}, 3, seed=11)
+    returns, first = ev.evaluate_policies(cfg, {"a": Scripted(straight), "b": Scripted(straight)}, 3, seed=11)
     assert np.array_equal(returns["a"], returns["b"]) and np.array_equal(first["a"], first["b"])
-    other, _ = d4.evaluate_policies(cfg, {"a": Scripted(straight)}, 3, seed=12)
+    other, _ = ev.evaluate_policies(cfg, {"a": Scripted(straight)}, 3, seed=12)
     assert not np.array_equal(other["a"], returns["a"])
 
 
@@ -85,17 +86,17 @@ def test_rank_agreement_counts_the_pairs_imagination_orders_as_reality_does():
     real = np.array([[1.0, 2.0, 3.0], [0.0, 0.05, 5.0]])       # context 2: its first pair is a tie
     imagined = np.array([[0.1, 0.3, 0.2], [9.0, 0.0, 1.0]])
     # context 1: (1,2) same, (1,3) same, (2,3) flipped; context 2: (1,3) flipped, (2,3) same
-    assert d4.rank_agreement(real, imagined) == (3 / 5, 5)
-    assert d4.rank_agreement(real, real) == (1.0, 5) and d4.rank_agreement(real, -real) == (0.0, 5)
+    assert ev.rank_agreement(real, imagined) == (3 / 5, 5)
+    assert ev.rank_agreement(real, real) == (1.0, 5) and ev.rank_agreement(real, -real) == (0.0, 5)
 
 
 def test_the_branch_test_plays_each_macro_action_from_the_same_real_states(tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg, imagination_context=2, eval_max_episode_steps=0)
     bins = d4.env_action_bins(cfg)
-    assert list(d4.macro_actions(bins, cfg.env)) == ["gas", "brake", "left", "right"]
+    assert list(ev.macro_actions(bins, cfg.env)) == ["gas", "brake", "left", "right"]
     torch.manual_seed(0)
     agent, tokenizer = d4.Agent(cfg, bins.bins).eval(), d4.Tokenizer(cfg).eval()
-    run = lambda: d4.branch_test(agent, tokenizer, bins, cfg, torch.device("cpu"), contexts=2, prefix=3,  # noqa
+    run = lambda: ev.branch_test(agent, tokenizer, bins, cfg, torch.device("cpu"), contexts=2, prefix=3,  # noqa
                                  horizon=6)
     first = run()
     assert first["branch_pairs"] > 0 and 0 <= first["branch_agreement"] <= 1   # gas and brake part ways
