@@ -4,8 +4,10 @@
 # finetune on the grown data (half of every batch from the policy's own episodes), refit the BC prior, 400
 # imagination steps without the KL to the prior continuing the previous round's policy, evaluate on the standard
 # protocol. Usage: sh docs/online_recipe.sh [RUN_DIR] [SEED] (defaults runs/recipe, 0). Resumable: run the same
-# command again after an interruption. Then the learning curve:
+# command again after an interruption. RUN_DIR/agent.pt is the last round's policy, RUN_DIR/agent_best.pt the round's
+# whose collected episodes scored best. Then the learning curve and the kept policy on the standard protocol:
 #   python plot.py --run-dir runs/recipe              # writes runs/recipe/curve.png
+#   python evaluate.py --run-dir runs/recipe --checkpoint agent_best.pt --policies trained
 # Until commit 00ec37b the recipe imagined 1000 steps a round for 8 rounds (--iterations 8 --imagination-steps
 # 1000); the runs below up to the side-by-side on the rebuilt seed-0 world model used that, then 400 steps learned
 # faster on that world model (docs/results.md). Compact copies of those last runs' evaluations (docs/curves/;
@@ -43,9 +45,12 @@
 # world model, sh docs/online_recipe.sh runs/recipe_seed2 2), one thread each:
 #   python train_policy.py --preset small --run-dir runs/seed0_imagine400_seed1 --wandb disabled --seed 1 \
 #     --iterations 10 --pmpo-beta 0 --imagination-steps 400
-# The README's figure of the three recipe runs (imagine400 is agent seed 0 above):
+# World models 3 and 4 (commit 4e7f176, which added agent_best.pt), side by side, one thread each:
+#   OMP_NUM_THREADS=1 sh docs/online_recipe.sh runs/recipe_seed3 3
+#   OMP_NUM_THREADS=1 sh docs/online_recipe.sh runs/recipe_seed4 4
+# The README's figure of the five recipe runs (imagine400 is agent seed 0 above):
 #   python plot.py --run-dir docs/curves/imagine400 docs/curves/recipe_wm0_seed1 docs/curves/recipe_wm2 \
-#     --before-s 1554 --out docs/online_curve_recipe.png
+#     docs/curves/recipe_wm3 docs/curves/recipe_wm4 --before-s 1554 --out docs/online_curve_recipe.png
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
