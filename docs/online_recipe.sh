@@ -45,12 +45,13 @@
 # world model, sh docs/online_recipe.sh runs/recipe_seed2 2), one thread each:
 #   python train_policy.py --preset small --run-dir runs/seed0_imagine400_seed1 --wandb disabled --seed 1 \
 #     --iterations 10 --pmpo-beta 0 --imagination-steps 400
-# World models 3 and 4 (commit 4e7f176, which added agent_best.pt), side by side, one thread each:
+# World models 3 and 4 (code of bd33ec4, after agent_best.pt came in 4e7f176), side by side, one thread each:
 #   OMP_NUM_THREADS=1 sh docs/online_recipe.sh runs/recipe_seed3 3
 #   OMP_NUM_THREADS=1 sh docs/online_recipe.sh runs/recipe_seed4 4
 # The README's figure of the five recipe runs (imagine400 is agent seed 0 above):
 #   python plot.py --run-dir docs/curves/imagine400 docs/curves/recipe_wm0_seed1 docs/curves/recipe_wm2 \
-#     docs/curves/recipe_wm3 docs/curves/recipe_wm4 --before-s 1554 --out docs/online_curve_recipe.png
+#     docs/curves/recipe_wm3 docs/curves/recipe_wm4 --before-s 1554 --out docs/online_curve_recipe.png \
+#     --title "the online recipe: five runs, four world models (CarRacing-v3, 20 episodes per point)"
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
