@@ -3,7 +3,7 @@ train_policy.py after every round; run as a script, it evaluates a finished run'
 
     python evaluate.py --run-dir runs/small                      # 20 episodes each: trained, BC, random, uniform
     python evaluate.py --run-dir runs/small --policies trained --episodes 5 --render human
-    python evaluate.py --run-dir runs/recipe --checkpoint agent_best.pt     # online rounds: the best-collecting one
+    python evaluate.py --run-dir runs/recipe --checkpoint agent_best.pt     # online rounds: the kept one
 
 Every policy plays the same seeded episodes (seeds disjoint from the training data's), each under the env's own
 time limit with every reward counted, CarRacing's zoom-in steps included. Prints each policy's mean return with its
@@ -149,6 +149,12 @@ def mean_and_se(values):
     return float(values.mean()), float(se)
 
 
+def beats_by_two_se(mean, se, other, other_se):
+    """Whether a mean exceeds another, measured on other episodes, by more than two standard errors of the
+    (unpaired) difference: the standard for "a result" in docs/results.md."""
+    return mean - other > 2 * math.sqrt(se ** 2 + other_se ** 2)
+
+
 def evaluation_summary(returns):
     """returns: policy name -> per-episode returns (episodes,) on the same seeds, "eval" the trained policy. ->
     {"episodes", "<name>_return", "<name>_return_se"} and, paired on the same tracks, "trained_minus_<name>" with
@@ -232,7 +238,7 @@ def parse_args(argv=None):
     parser.add_argument("--run-dir", default="runs/carracing", help="a run with tokenizer.pt and agent.pt")
     parser.add_argument("--checkpoint", default="agent.pt",
                         help="the agent checkpoint in --run-dir: agent.pt (the last round's policy, default) or "
-                             "agent_best.pt (online rounds: the round whose collected episodes scored best)")
+                             "agent_best.pt (online rounds: the kept round, see train_policy.py)")
     parser.add_argument("--episodes", type=int, default=20, help="seeded episodes per policy (default 20)")
     parser.add_argument("--policies", default="trained,bc,random,uniform",
                         help="comma-separated, of trained, bc, random, uniform (default all four)")

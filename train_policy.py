@@ -13,8 +13,10 @@ collect --iteration-episodes episodes with the policy into data/ (full length, a
 finetune on the grown dataset, imagination training, evaluation. In these rounds --online-share of every batch
 comes from the policy's own episodes, the BC prior is refit on the grown data, and the imagination-trained policy
 carries over from round to round (it starts as the BC prior only once). After the last round one more collection
-scores the final policy. agent_best.pt keeps the round's policy whose collected episodes scored best (on the
-collection's tracks, never the evaluation's): `python evaluate.py --checkpoint agent_best.pt` plays it.
+scores the final policy. agent_best.pt keeps a round's policy, chosen on the collections' tracks, never the
+evaluation's: while rounds run, the best-collecting round so far; after the last round, the last policy unless that
+round's collection beat the last one's by more than two standard errors (a closer lead is noise: docs/results.md).
+`python evaluate.py --checkpoint agent_best.pt` plays it.
 """
 import dataclasses
 from pathlib import Path
@@ -141,20 +143,26 @@ def main():
             bar.write(f"iteration {iteration}: collected an episode, return {progress['collect_returns'][-1]:.1f}")
         agent.train()
         if progress.get("collect_returns"):   # (absent in a collection begun by an older version)
-            keep_best(iteration - 1, *ev.mean_and_se(progress["collect_returns"]))
+            keep_best(iteration - 1, *ev.mean_and_se(progress["collect_returns"]), last=progress["step"] == total)
         progress.update(collect_start=None, collected=iteration)
         dataset, latents, _, action_bins = d4.world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device)
 
-    def keep_best(played, mean, se):
+    def keep_best(played, mean, se, last):
         """Selection on the collection's tracks, never the evaluation's: the policy of round `played` keeps its
-        weights in agent_best.pt when its collected episodes (with the explorer's share of steps) score best so far."""
+        weights in agent_best.pt when its collected episodes (with the explorer's share of steps) score best so far,
+        or, being the `last` round's, unless the kept round's beat it by more than two standard errors."""
         best = progress.get("best")
         logger.log(progress["step"], iteration=played, collect_return=mean, collect_return_se=se)
-        if best is None or mean > best["collect_return"]:
-            progress["best"] = dict(iteration=played, collect_return=mean)
+        if best is not None and last:   # (a best kept by 4e7f176's code has no standard error)
+            keep = not ev.beats_by_two_se(best["collect_return"], best.get("collect_return_se", 0.0), mean, se)
+        else:
+            keep = best is None or mean > best["collect_return"]
+        if keep:
+            progress["best"] = dict(iteration=played, collect_return=mean, collect_return_se=se)
             save(run_dir / "agent_best.pt")
-            bar.write(f"iteration {played}: its collection return {mean:.1f} +- {se:.1f} is the best so far; "
-                      f"its policy kept in {run_dir / 'agent_best.pt'}")
+            bar.write(f"iteration {played}: its collection return {mean:.1f} +- {se:.1f} is the "
+                      f"{'last; no earlier round beat it by 2 SE' if last else 'best so far'}; its policy kept in "
+                      f"{run_dir / 'agent_best.pt'}")
 
     def log_diagnostics(step):   # the finetuned heads on held-out data
         agent.eval()

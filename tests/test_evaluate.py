@@ -73,6 +73,14 @@ def test_paired_statistics_of_hand_made_returns():
     assert ev.mean_and_se([5.0]) == (5.0, 0.0)
 
 
+def test_two_standard_errors_of_an_unpaired_difference():
+    # SE of the difference sqrt(3^2 + 4^2) = 5: a lead counts only beyond 10
+    assert ev.beats_by_two_se(10.1, 3.0, 0.0, 4.0) and not ev.beats_by_two_se(9.9, 3.0, 0.0, 4.0)
+    assert not ev.beats_by_two_se(0.0, 3.0, 10.1, 4.0)   # one-sided
+    # world model 4's keep-best (docs/results.md): round 6 collected -4.2 +- 20.0, the last round -7.9 +- 11.6
+    assert not ev.beats_by_two_se(-4.2, 20.0, -7.9, 11.6) and ev.beats_by_two_se(-17.0, 9.8, -44.0, 8.7)
+
+
 def test_every_policy_plays_the_same_tracks(tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg, eval_max_episode_steps=20)
     straight = np.array([[16, 0, 0]])   # no gas: the car stands, so the first frames show only the track
