@@ -155,6 +155,18 @@ def beats_by_two_se(mean, se, other, other_se):
     return mean - other > 2 * math.sqrt(se ** 2 + other_se ** 2)
 
 
+def replaces_kept(kept, mean, se, last):
+    """Online keep-best (train_policy.py): whether a round whose collected episodes scored mean +- se replaces the
+    kept round `kept` (None, or a dict with collect_return and collect_return_se). While rounds run the better
+    mean wins; the `last` round wins unless the kept round beat it by more than two standard errors. A kept round
+    logged without its standard error (4e7f176 to 36a624d) is given the last round's."""
+    if kept is None:
+        return True
+    if not last:
+        return mean > kept["collect_return"]
+    return not beats_by_two_se(kept["collect_return"], kept.get("collect_return_se", se), mean, se)
+
+
 def evaluation_summary(returns):
     """returns: policy name -> per-episode returns (episodes,) on the same seeds, "eval" the trained policy. ->
     {"episodes", "<name>_return", "<name>_return_se"} and, paired on the same tracks, "trained_minus_<name>" with

@@ -14,9 +14,10 @@ finetune on the grown dataset, imagination training, evaluation. In these rounds
 comes from the policy's own episodes, the BC prior is refit on the grown data, and the imagination-trained policy
 carries over from round to round (it starts as the BC prior only once). After the last round one more collection
 scores the final policy. agent_best.pt keeps a round's policy, chosen on the collections' tracks, never the
-evaluation's: while rounds run, the best-collecting round so far; after the last round, the last policy unless that
-round's collection beat the last one's by more than two standard errors (a closer lead is noise: docs/results.md).
-`python evaluate.py --checkpoint agent_best.pt` plays it.
+evaluation's: while rounds run, the best-collecting round so far; after the last round, the last policy unless the
+best-collecting earlier round beat its collection by more than two standard errors (a closer lead is noise:
+docs/results.md). `python evaluate.py --checkpoint agent_best.pt` plays it. Raising --iterations on a finished run
+continues from the policy kept then.
 """
 import dataclasses
 from pathlib import Path
@@ -148,20 +149,19 @@ def main():
         dataset, latents, _, action_bins = d4.world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device)
 
     def keep_best(played, mean, se, last):
-        """Selection on the collection's tracks, never the evaluation's: the policy of round `played` keeps its
-        weights in agent_best.pt when its collected episodes (with the explorer's share of steps) score best so far,
-        or, being the `last` round's, unless the kept round's beat it by more than two standard errors."""
+        """The policy of round `played` (its collected episodes scored mean +- se) goes to agent_best.pt if it
+        replaces the kept one (ev.replaces_kept; `last`: after the last round)."""
         best = progress.get("best")
         logger.log(progress["step"], iteration=played, collect_return=mean, collect_return_se=se)
-        if best is not None and last:   # (a best kept by 4e7f176's code has no standard error)
-            keep = not ev.beats_by_two_se(best["collect_return"], best.get("collect_return_se", 0.0), mean, se)
-        else:
-            keep = best is None or mean > best["collect_return"]
-        if keep:
+        if ev.replaces_kept(best, mean, se, last):
             progress["best"] = dict(iteration=played, collect_return=mean, collect_return_se=se)
             save(run_dir / "agent_best.pt")
             bar.write(f"iteration {played}: its collection return {mean:.1f} +- {se:.1f} is the "
                       f"{'last; no earlier round beat it by 2 SE' if last else 'best so far'}; its policy kept in "
+                      f"{run_dir / 'agent_best.pt'}")
+        elif last:
+            bar.write(f"iteration {played} (the last): collection return {mean:.1f} +- {se:.1f}; iteration "
+                      f"{best['iteration']}'s {best['collect_return']:.1f} beat it by more than 2 SE and stays in "
                       f"{run_dir / 'agent_best.pt'}")
 
     def log_diagnostics(step):   # the finetuned heads on held-out data

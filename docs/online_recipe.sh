@@ -5,7 +5,8 @@
 # imagination steps without the KL to the prior continuing the previous round's policy, evaluate on the standard
 # protocol. Usage: sh docs/online_recipe.sh [RUN_DIR] [SEED] (defaults runs/recipe, 0). Resumable: run the same
 # command again after an interruption. RUN_DIR/agent.pt is the last round's policy, RUN_DIR/agent_best.pt the same
-# unless an earlier round's collected episodes beat the last round's by two standard errors. Then the learning curve and the kept policy on the standard protocol:
+# unless the best-collecting earlier round beat its collected episodes by two standard errors. Then the learning
+# curve and the kept policy on the standard protocol:
 #   python plot.py --run-dir runs/recipe              # writes runs/recipe/curve.png
 #   python evaluate.py --run-dir runs/recipe --checkpoint agent_best.pt --policies trained
 # Until commit 00ec37b the recipe imagined 1000 steps a round for 8 rounds (--iterations 8 --imagination-steps

@@ -190,7 +190,7 @@ def test_evaluate_logs_the_standard_protocol_and_matches_training(tiny_run):
     assert line["eval_return"] == trained["eval_return"] and line["random_return"] == trained["random_return"]
     assert (run_dir / "videos" / "evaluate_trained_0000000.mp4").exists()
     assert "bc_return" not in line and "branch_agreement" in line and "branch_pairs" in line
-    # the kept best-collecting policy plays as it did in its round's evaluation (same weights, same tracks)
+    # the kept policy plays as it did in its round's evaluation (same weights, same tracks)
     best = torch.load(run_dir / "agent_best.pt", weights_only=True)["progress"]["best"]["iteration"]
     result = run("evaluate.py", "--run-dir", str(run_dir), "--episodes", "2", "--max-episode-steps", "30",
                  "--policies", "trained", "--branches", "0", "--checkpoint", "agent_best.pt")

@@ -77,8 +77,19 @@ def test_two_standard_errors_of_an_unpaired_difference():
     # SE of the difference sqrt(3^2 + 4^2) = 5: a lead counts only beyond 10
     assert ev.beats_by_two_se(10.1, 3.0, 0.0, 4.0) and not ev.beats_by_two_se(9.9, 3.0, 0.0, 4.0)
     assert not ev.beats_by_two_se(0.0, 3.0, 10.1, 4.0)   # one-sided
-    # world model 4's keep-best (docs/results.md): round 6 collected -4.2 +- 20.0, the last round -7.9 +- 11.6
-    assert not ev.beats_by_two_se(-4.2, 20.0, -7.9, 11.6) and ev.beats_by_two_se(-17.0, 9.8, -44.0, 8.7)
+
+
+def test_keep_best_takes_the_last_round_unless_an_earlier_one_beat_it_by_two_standard_errors():
+    kept = dict(collect_return=-4.2, collect_return_se=20.0)   # world model 4's round 6 (docs/results.md)
+    assert ev.replaces_kept(None, -50.0, 1.0, last=False) and ev.replaces_kept(None, -50.0, 1.0, last=True)
+    assert not ev.replaces_kept(kept, -7.9, 11.6, last=False)   # while rounds run: the better mean
+    assert ev.replaces_kept(kept, -7.9, 11.6, last=True)   # its last round: a lead of 3.7 inside 2 SE (46.2)
+    assert ev.replaces_kept(kept, -4.2, 20.0, last=True) and not ev.replaces_kept(kept, -4.2, 20.0, last=False)
+    # world model 3: round 5's -17.0 +- 9.8 beat the last round's -44.0 +- 8.7 by 27.0 > 26.2 and stays
+    assert not ev.replaces_kept(dict(collect_return=-17.0, collect_return_se=9.8), -44.0, 8.7, last=True)
+    # a kept round logged without its standard error is given the last round's: 2 * sqrt(2) * 10 = 28.3
+    assert ev.replaces_kept(dict(collect_return=25.0), 0.0, 10.0, last=True)
+    assert not ev.replaces_kept(dict(collect_return=29.0), 0.0, 10.0, last=True)
 
 
 def test_every_policy_plays_the_same_tracks(tiny_cfg):
