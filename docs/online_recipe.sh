@@ -49,6 +49,10 @@
 # World models 3 and 4 (code of bd33ec4, after agent_best.pt came in 4e7f176), side by side, one thread each:
 #   OMP_NUM_THREADS=1 sh docs/online_recipe.sh runs/recipe_seed3 3
 #   OMP_NUM_THREADS=1 sh docs/online_recipe.sh runs/recipe_seed4 4
+# Agent seed 1 on world models 3 and 4 (code of bd33ec4; lost with the machine after round 7), on copies of each
+# run's round-0 inputs (its first 126 episodes, data/complete, tokenizer.pt, dynamics.pt), one thread each:
+#   python train_policy.py --preset small --run-dir runs/recipe_seed3_agent1 --wandb disabled --seed 1 \
+#     --iterations 10 --pmpo-beta 0 --imagination-steps 400        # and the same on runs/recipe_seed4's copy
 # The README's figure of the five recipe runs (imagine400 is agent seed 0 above):
 #   python plot.py --run-dir docs/curves/imagine400 docs/curves/recipe_wm0_seed1 docs/curves/recipe_wm2 \
 #     docs/curves/recipe_wm3 docs/curves/recipe_wm4 --before-s 1554 --out docs/online_curve_recipe.png \
