@@ -189,7 +189,7 @@ PRESETS = {
                   tok_heads=4,
                   tok_kv_heads=2, tok_enc_layers=4, tok_dec_layers=4, num_latents=16, latent_dim=16,
                   batch_size=16, seq_len=4, lr=1e-3, warmup_steps=100, mae_steps=1000, eval_every=1750,
-                  save_every=250, eval_sequences=64, dynamics_steps=3500, dyn_dim=128, dyn_heads=4, dyn_kv_heads=2,
+                  save_every=250, eval_sequences=64, dynamics_steps=5000, dyn_dim=128, dyn_heads=4, dyn_kv_heads=2,
                   dyn_layers=4, latent_tokens=4, register_tokens=2, dyn_seq_len=16, eval_context=8,
                   eval_horizon=8, finetune_steps=400, imagination_steps=300, imagination_context=4,
                   imagination_horizon=16, iteration_episodes=10),

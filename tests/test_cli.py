@@ -74,7 +74,7 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path, stage):
 
 def test_help_lists_every_flag_with_the_stage_s_own_flags_first(stage):
     for script, own, steps in (("train_mae.py", "tokenizer", "default 50000; tiny 20; small 1000"),
-                               ("train_dynamics.py", "dynamics", "default 100000; tiny 20; small 3500"),
+                               ("train_dynamics.py", "dynamics", "default 100000; tiny 20; small 5000"),
                                ("train_policy.py", "agent", "default 10000; tiny 10; small 300")):
         result = stage(script, "--help")
         assert result.returncode == 0
