@@ -1969,7 +1969,8 @@ class Logger:
         with open(self.path, "a") as f:
             f.write(json.dumps({"stage": self.stage, "step": step, **metrics}) + "\n")
         if self.wandb:
-            self.wandb.log({f"{self.stage}/{key}": value for key, value in metrics.items()}, step=step)
+            self.wandb.log({f"{self.stage}/{key}": value for key, value in metrics.items()   # scalars only: lists
+                            if isinstance(value, (int, float))}, step=step)                # stay in the file
         if os.environ.get("DREAMER4_SIGKILL_AT") == f"{self.stage}:{step}":   # for the resume test: die right here,
             os.kill(os.getpid(), signal.SIGKILL)                             # no cleanup, as a power cut would
 

@@ -169,11 +169,14 @@ def replaces_kept(kept, mean, se, last):
 
 def evaluation_summary(returns):
     """returns: policy name -> per-episode returns (episodes,) on the same seeds, "eval" the trained policy. ->
-    {"episodes", "<name>_return", "<name>_return_se"} and, paired on the same tracks, "trained_minus_<name>" with
-    "trained_minus_<name>_se" (mean and standard error of the per-episode differences) for every other name."""
+    {"episodes", "<name>_return", "<name>_return_se", "<name>_returns"} (the last the per-episode returns, so that
+    two runs' evaluations on the same tracks can be paired later) and, paired on the same tracks,
+    "trained_minus_<name>" with "trained_minus_<name>_se" (mean and standard error of the per-episode differences)
+    for every other name."""
     summary = {"episodes": len(next(iter(returns.values())))}
     for name, values in returns.items():
         summary[f"{name}_return"], summary[f"{name}_return_se"] = mean_and_se(values)
+        summary[f"{name}_returns"] = [round(float(v), 3) for v in values]
     for name, values in returns.items():
         if "eval" in returns and name != "eval":
             difference = np.asarray(returns["eval"]) - np.asarray(values)

@@ -151,6 +151,7 @@ def test_train_policy_evaluates_resumes_and_improves_online(tiny_run):
     assert baselines[0] == baselines[1] and np.isfinite(baselines[0]).all()   # played once, on the same seeds
     for r in keyed("eval_return"):   # paired differences on the same tracks
         assert r["episodes"] == 2 and r["trained_minus_bc"] == pytest.approx(r["eval_return"] - r["bc_return"])
+        assert np.mean(r["eval_returns"]) == pytest.approx(r["eval_return"], abs=1e-3)   # per episode, to pair later
     assert keyed("imagined_return") and {r["phase"] for r in keyed("bc")} == {"finetune"}
     # the KL to the prior weighs --pmpo-beta in round 0 and --online-beta once the prior is refit
     assert {(r["step"] > 8, r["kl_weight"]) for r in keyed("kl_weight")} == {(False, 0.3), (True, 0.7)}

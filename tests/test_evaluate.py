@@ -70,6 +70,7 @@ def test_paired_statistics_of_hand_made_returns():
     assert summary["trained_minus_bc_se"] == pytest.approx(math.sqrt(7) / math.sqrt(3))
     assert summary["random_return_se"] == 0 and summary["trained_minus_random"] == pytest.approx(4.0)
     assert "trained_minus_eval" not in summary
+    assert summary["bc_returns"] == [0.0, 2.0, 1.0] and summary["eval_returns"] == [1.0, 2.0, 6.0]   # to pair later
     assert ev.mean_and_se([5.0]) == (5.0, 0.0)
 
 
