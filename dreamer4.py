@@ -137,10 +137,6 @@ class Config:
     imagination_horizon: int = arg(32, "imagined steps per rollout (H, ours)", "agent", check=">=1")
     discount: float = arg(0.997, "gamma of the lambda-returns", "agent", check="[0,1]")
     return_lambda: float = arg(0.95, "lambda of the lambda-returns (ours)", "agent", check="[0,1]")
-    imagination_group: int = arg(1, "imagined rollouts per real context (of the --batch-size rollouts); above 1, a "
-                                    "rollout's advantage is its return minus the mean return of the other "
-                                    "rollouts from its context at the same step, in place of the value (ours)",
-                                 "agent", check=">=1")
     pmpo_alpha: float = arg(0.5, "PMPO weight of the positive-advantage set (Eq. 11)", "agent", check="[0,1]")
     pmpo_beta: float = arg(0.3, "weight of the KL to the frozen behaviour-cloned policy (Eq. 11)",
                            "agent", check=">=0")
@@ -272,7 +268,7 @@ def check_config(cfg):
             raise ConfigError(f"{flag(f.name)} must be {CHECKS[check][1]}, not {value}")
     for size, part in (("image_size", "patch_size"), ("num_latents", "latent_tokens"), ("tok_dim", "tok_heads"),
                        ("tok_heads", "tok_kv_heads"), ("dyn_dim", "dyn_heads"), ("dyn_heads", "dyn_kv_heads"),
-                       ("max_shortcut_steps", "sampling_steps"), ("batch_size", "imagination_group")):
+                       ("max_shortcut_steps", "sampling_steps")):
         if getattr(cfg, size) % getattr(cfg, part):
             raise ConfigError(f"{flag(part)} {getattr(cfg, part)} must divide {flag(size)} {getattr(cfg, size)}")
     for name, heads in (("tok_dim", "tok_heads"), ("dyn_dim", "dyn_heads")):
@@ -948,13 +944,6 @@ def lambda_returns(rewards, continues, values, discount, lam):
     return torch.stack(returns[::-1], dim=1)
 
 
-def sibling_mean(x, group):
-    """x (B, ...) with rows in consecutive groups of `group` (rollouts from one context): per row, the mean of the
-    other rows of its group (a leave-one-out baseline: it does not depend on the row's own actions)."""
-    x = x.unflatten(0, (-1, group))
-    return ((x.sum(1, keepdim=True) - x) / (group - 1)).flatten(0, 1)
-
-
 def head(dim, out):
     layer = nn.Linear(dim, out)   # the output layer: L of them, one per prediction distance, side by side
     return nn.Sequential(nn.Linear(dim, dim), RMSNorm(dim), nn.SiLU(), layer)
@@ -1012,7 +1001,6 @@ class Agent(nn.Module):
         self.dynamics, self.heads = Dynamics(cfg, action_bins), AgentHeads(cfg, action_bins)
         self.window = cfg.dyn_seq_len - 1   # past frames kept: a new frame sees dyn_seq_len frames, as in training
         self.discount, self.lam, self.alpha, self.beta = cfg.discount, cfg.return_lambda, cfg.pmpo_alpha, cfg.pmpo_beta
-        self.group = cfg.imagination_group
 
     def features(self, latents, actions):
         """Agent-token outputs (B, T, D) for clean latents seen as context (corrupted to the context signal level
@@ -1101,7 +1089,7 @@ class Agent(nn.Module):
         values = two_hot_decode(value_logits, self.heads.support).detach()
         returns = lambda_returns(rollout["rewards"], rollout["continues"], values, self.discount, self.lam)
         value = two_hot_loss(value_logits[:, :-1], returns, self.heads.support).mean()
-        advantages = returns - (values[:, :-1] if self.group == 1 else sibling_mean(returns, self.group))
+        advantages = returns - values[:, :-1]
         logits = self.heads.policy_logits(features[:, :-1], distance=0)
         logp = log_prob(logits, rollout["actions"])
         positive, negative = (advantages >= 0).float(), (advantages < 0).float()

@@ -201,10 +201,7 @@ def main():
                         agent.heads.start_policy()   # later rounds carry the policy over
                     log_diagnostics(progress["step"])
                 agent.beta = cfg.online_beta if iteration > 0 and cfg.online_beta >= 0 else cfg.pmpo_beta
-                batch = sample(cfg.batch_size // cfg.imagination_group, cfg.imagination_context, rng)
-                if cfg.imagination_group > 1:   # each context imagined --imagination-group times, side by side
-                    batch = {k: np.repeat(v, cfg.imagination_group, 0) if isinstance(v, np.ndarray)
-                             else v.repeat_interleave(cfg.imagination_group, 0) for k, v in batch.items()}
+                batch = sample(cfg.batch_size, cfg.imagination_context, rng)
                 rollout = agent.imagine(batch["latents"], batch["actions"], cfg.imagination_horizon,
                                         cfg.sampling_steps, generator)
                 metrics = dict(imaginer.step(agent.imagination_loss, rollout), kl_weight=agent.beta)

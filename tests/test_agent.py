@@ -135,24 +135,6 @@ def test_pmpo_raises_positive_and_lowers_negative_advantage_actions(agent, tiny_
     assert change[positive].mean() > 0 > change[~positive].mean()
 
 
-def test_sibling_baseline_is_the_mean_of_the_other_rollouts_of_a_context(agent, tiny_cfg):
-    x = torch.tensor([[1.0], [2.0], [3.0], [10.0], [0.0], [0.0], [4.0], [8.0]])
-    expected = torch.tensor([[5.0], [14 / 3], [13 / 3], [2.0], [4.0], [4.0], [8 / 3], [4 / 3]])
-    assert torch.allclose(d4.sibling_mean(x, 4), expected)
-    # two contexts of four rollouts, one step, terminal: returns 1, 2, 3, 10 around +100 and -100. Against the
-    # value (0) the first context's rollouts are all positive and the second's all negative; against the siblings
-    # only the 10 of each context is (it beats the others' mean, the rest fall below theirs)
-    rollout = fabricated_rollout(tiny_cfg, b=8)
-    rollout["rewards"] = torch.tensor([1.0, 2, 3, 10, 1, 2, 3, 10])[:, None] + torch.tensor([100.0, -100])\
-        .repeat_interleave(4)[:, None]
-    rollout["continues"] = torch.zeros_like(rollout["continues"])
-    assert agent.imagination_loss(rollout)[1]["advantage_positive"].item() == 0.5
-    agent.group = 4
-    diagnostics = agent.imagination_loss(rollout)[1]
-    assert diagnostics["advantage_positive"].item() == 0.25
-    assert diagnostics["advantage_mean"].item() == pytest.approx(0.0, abs=1e-4)
-
-
 def test_value_head_learns_the_returns(agent, tiny_cfg):
     rollout = fabricated_rollout(tiny_cfg)
     rollout["continues"] = torch.zeros_like(rollout["continues"])   # terminal after one step: R_0 = r_1
