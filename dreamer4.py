@@ -1798,7 +1798,8 @@ def checkpoint_kind(state):
 
 def load_checkpoint(path, hint=""):
     """A checkpoint, loaded with weights_only=True (a downloaded one runs no code). A missing, truncated, empty or
-    foreign file, or a stage's file holding another stage's checkpoint, is a one-line error naming it."""
+    foreign file, or a stage's file holding another stage's checkpoint, is a one-line error naming it. Config fields
+    this version does not have (a checkpoint of an older or newer version) are dropped with a warning."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"no checkpoint at {path}" + (f"; {hint}" if hint else ""))
@@ -1812,6 +1813,12 @@ def load_checkpoint(path, hint=""):
     if path.name in CHECKPOINT_KEYS and kind != path.name:
         what = f"a {kind} checkpoint" if kind else "no checkpoint of this pipeline"
         raise ConfigError(f"{path} holds {what}, not a {path.name} checkpoint; {fix}")
+    config = state.get("config") if isinstance(state, dict) else None
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(config) - known) if isinstance(config, dict) else []
+    if unknown:   # written by another version of this file
+        print(f"warning: {path} has config fields this version lacks, ignored: {', '.join(unknown)}", file=sys.stderr)
+        state["config"] = {k: v for k, v in config.items() if k in known}
     return state
 
 

@@ -192,6 +192,20 @@ def test_a_dynamics_of_another_tokenizer_is_one_line(copied_run, stage):
     assert "another tokenizer's latents" in one_line_error(result)
 
 
+def test_a_config_field_this_version_lacks_is_dropped_with_a_warning(copied_run, stage):
+    """A checkpoint of another version of dreamer4.py, here with a flag this one removed, still loads."""
+    state = torch.load(copied_run / "dynamics.pt", weights_only=True)
+    state["config"]["removed_flag"] = 4
+    torch.save(state, copied_run / "dynamics.pt")
+    (copied_run / "agent.pt").unlink()
+    result = stage("train_policy.py", "--preset", "tiny", "--run-dir", str(copied_run), "--finetune-steps", "1",
+                   "--imagination-steps", "1", "--eval-episodes", "1", "--eval-max-episode-steps", "8",
+                   "--branch-contexts", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dynamics.pt has config fields this version lacks, ignored: removed_flag" in result.stderr
+    assert "removed_flag" not in d4.load_checkpoint(copied_run / "dynamics.pt")["config"]
+
+
 @pytest.mark.parametrize("damage", ["truncated episode", "latents too long", "latents truncated"])
 def test_a_damaged_episode_or_latent_cache_is_one_line_naming_it(damage, copied_run, stage):
     if damage == "truncated episode":
