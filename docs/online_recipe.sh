@@ -1,14 +1,17 @@
 #!/bin/sh
-# Issue 19's CPU recipe (docs/results.md, "What limits learning"; 2.4-2.6 h on a 2-core CPU): the small preset's
-# tokenizer and dynamics, then the agent with 10 online rounds: collect 10 full-length episodes with the policy,
-# finetune on the grown data (half of every batch from the policy's own episodes), refit the BC prior, 400
-# imagination steps without the KL to the prior continuing the previous round's policy, evaluate on the standard
-# protocol. Usage: sh docs/online_recipe.sh [RUN_DIR] [SEED] (defaults runs/recipe, 0). Resumable: run the same
-# command again after an interruption. RUN_DIR/agent.pt is the last round's policy, RUN_DIR/agent_best.pt the same
-# unless the best-collecting earlier round beat its collected episodes by two standard errors. Then the learning
-# curve and the kept policy on the standard protocol:
+# Issue 19's CPU recipe (docs/results.md, "What limits learning"): the small preset's tokenizer and dynamics (5000
+# steps), then the agent with 16 online rounds: collect 10 full-length episodes with the policy, finetune on the
+# grown data (half of every batch from the policy's own episodes), refit the BC prior, 400 imagination steps without
+# the KL to the prior continuing the previous round's policy, evaluate on the standard protocol (20 tracks).
+# Usage: sh docs/online_recipe.sh [RUN_DIR] [SEED] (defaults runs/recipe, 0). Resumable: run the same command again
+# after an interruption. RUN_DIR/agent.pt is the last round's policy, RUN_DIR/agent_best.pt the same unless the
+# best-collecting earlier round beat its collected episodes by two standard errors. Then the learning curve and the
+# kept policy on the standard protocol:
 #   python plot.py --run-dir runs/recipe              # writes runs/recipe/curve.png
 #   python evaluate.py --run-dir runs/recipe --checkpoint agent_best.pt --policies trained
+# Until issue 19's stop 43 the recipe was 10 rounds on 3500-step dynamics (the runs below, before "16 rounds"):
+#   python run.py --preset small --run-dir RUN --wandb disabled --seed S --resume --iterations 10 --pmpo-beta 0 \
+#     --imagination-steps 400 --dynamics-steps 3500
 # Until commit 00ec37b the recipe imagined 1000 steps a round for 8 rounds (--iterations 8 --imagination-steps
 # 1000); the runs below up to the side-by-side on the rebuilt seed-0 world model used that, then 400 steps learned
 # faster on that world model (docs/results.md). Compact copies of those last runs' evaluations (docs/curves/;
@@ -57,9 +60,12 @@
 #   python plot.py --run-dir docs/curves/imagine400 docs/curves/recipe_wm0_seed1 docs/curves/recipe_wm2 \
 #     docs/curves/recipe_wm3 docs/curves/recipe_wm4 --before-s 1554 --out docs/online_curve_recipe.png \
 #     --title "the online recipe: five runs, four world models (CarRacing-v3, 20 episodes per point)"
-# The small preset's dynamics trained 3500 steps in all these runs (5000 from issue 19's stop 35), so the
-# recipe keeps 3500 to reproduce them.
+# The small preset's dynamics trained 3500 steps in all the runs above (5000 from issue 19's stop 35).
+# 16 rounds: the agent stage on copies of world models 3 and 4 rebuilt at 5000 dynamics steps (each run's data/,
+# tokenizer.pt, dynamics.pt; code of f0d3808), side by side, one thread each, agent seed = world-model seed:
+#   OMP_NUM_THREADS=1 python train_policy.py --preset small --run-dir runs/wm3_online --wandb disabled --seed 3 \
+#     --pmpo-beta 0 --imagination-steps 400 --iterations 16       # and the same for world model 4 at seed 4
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
-  --iterations 10 --pmpo-beta 0 --imagination-steps 400 --dynamics-steps 3500
+  --iterations 16 --pmpo-beta 0 --imagination-steps 400
