@@ -9,7 +9,7 @@
 # kept policy on the standard protocol:
 #   python plot.py --run-dir runs/recipe              # writes runs/recipe/curve.png
 #   python evaluate.py --run-dir runs/recipe --checkpoint agent_best.pt --policies trained
-# Until issue 19's stop 43 the recipe was 10 rounds on 3500-step dynamics (the runs below, before "16 rounds"):
+# Until commit 0c2d0b4 the recipe was 10 rounds on 3500-step dynamics (the runs below, before "16 rounds"):
 #   python run.py --preset small --run-dir RUN --wandb disabled --seed S --resume --iterations 10 --pmpo-beta 0 \
 #     --imagination-steps 400 --dynamics-steps 3500
 # Until commit 00ec37b the recipe imagined 1000 steps a round for 8 rounds (--iterations 8 --imagination-steps
