@@ -69,9 +69,12 @@
 #   /usr/bin/time -v sh docs/online_recipe.sh runs/recipe16_seed0 0
 #   python train_policy.py --preset small --run-dir runs/recipe16_seed0 --wandb disabled --seed 0 --iterations 20 \
 #     --pmpo-beta 0 --imagination-steps 400 --resume
-# Compact copies of the three 16-round runs' evaluations (docs/curves/online16_*) and the README's figure:
-#   python plot.py --run-dir docs/curves/online16_wm0_alone docs/curves/online16_wm3 docs/curves/online16_wm4 \
-#     --out docs/online_curve_16.png --title "the recipe: 16 rounds, three world models (CarRacing-v3, 20 episodes per point)"
+# The recipe alone at seed 1 (code of e364018), timed:
+#   /usr/bin/time -v sh docs/online_recipe.sh runs/recipe16_seed1 1
+# Compact copies of the four 16-round runs' evaluations (docs/curves/online16_*) and the README's figure:
+#   python plot.py --run-dir docs/curves/online16_wm0_alone docs/curves/online16_wm1_alone docs/curves/online16_wm3 \
+#     docs/curves/online16_wm4 --out docs/online_curve_16.png \
+#     --title "the recipe: 16 rounds, four world models (CarRacing-v3, 20 episodes per point)"
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
