@@ -71,14 +71,27 @@
 #     --pmpo-beta 0 --imagination-steps 400 --resume
 # The recipe alone at seed 1 (code of e364018), timed:
 #   /usr/bin/time -v sh docs/online_recipe.sh runs/recipe16_seed1 1
-# The README's GIF: world model 3's round-16 policy on track 10003 (+313.1), the video's first 150 frames at 60 ms:
-#   python evaluate.py --run-dir runs/wm3_online --policies trained --episodes 1 --video --branches 0
+# The README's GIF: world model 1's round-16 policy at agent seed 3 (runs/wm1_agent3 below) on track 10003 (+703.1;
+# the round's own evaluation drew +676.1 there), the video's first 150 frames at 60 ms:
+#   OMP_NUM_THREADS=1 python evaluate.py --run-dir runs/wm1_agent3 --policies trained --episodes 1 --video \
+#     --branches 0
 #   python -c "import imageio.v2 as i; i.mimsave('docs/policy.gif', [f for f in i.get_reader( \
-#     'runs/wm3_online/videos/evaluate_trained_0000000.mp4')][:150], duration=60, loop=0)"
-# Compact copies of the four 16-round runs' evaluations (docs/curves/online16_*) and the README's figure:
-#   python plot.py --run-dir docs/curves/online16_wm0_alone docs/curves/online16_wm1_alone docs/curves/online16_wm3 \
-#     docs/curves/online16_wm4 --out docs/online_curve_16.png \
-#     --title "the recipe: 16 rounds, four world models (CarRacing-v3, 20 episodes per point)"
+#     'runs/wm1_agent3/videos/evaluate_trained_0000000.mp4')][:150], duration=60, loop=0)"
+# Until then it was world model 3's round-16 policy on the same track (+313.1), the same two commands on
+# runs/wm3_online without OMP_NUM_THREADS.
+# Agent seeds across world models (code of e364018), alone, each on copies of a run's round-0 inputs (its first 126
+# episodes, data/complete, tokenizer.pt, dynamics.pt): agent seed 3 on runs/recipe16_seed1's (world model 1), then
+# agent seed 4 on runs/recipe16_seed0's (world model 0):
+#   python train_policy.py --preset small --run-dir runs/wm1_agent3 --wandb disabled --seed 3 --iterations 16 \
+#     --pmpo-beta 0 --imagination-steps 400      # and runs/wm0_agent4 with --seed 4
+#   OMP_NUM_THREADS=1 python evaluate.py --run-dir runs/wm1_agent3 --seed 93 --episodes 30 --policies trained,random \
+#     --branches 0                                 # 30 fresh tracks, 10093-10122
+# Compact copies of the 16-round runs' evaluations (docs/curves/online16_*; online16_wm1_agent3 takes world model
+# 1's tokenizer and dynamics rows from online16_wm1_alone) and the README's figure:
+#   python plot.py --run-dir docs/curves/online16_wm0_alone docs/curves/online16_wm1_alone \
+#     docs/curves/online16_wm1_agent3 docs/curves/online16_wm3 docs/curves/online16_wm4 \
+#     --out docs/online_curve_16.png \
+#     --title "the recipe: 16 rounds, five runs on four world models (CarRacing-v3, 20 episodes per point)"
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
