@@ -83,15 +83,16 @@
 # episodes, data/complete, tokenizer.pt, dynamics.pt): agent seed 3 on runs/recipe16_seed1's (world model 1), then
 # agent seed 4 on runs/recipe16_seed0's (world model 0):
 #   python train_policy.py --preset small --run-dir runs/wm1_agent3 --wandb disabled --seed 3 --iterations 16 \
-#     --pmpo-beta 0 --imagination-steps 400      # and runs/wm0_agent4 with --seed 4
+#     --pmpo-beta 0 --imagination-steps 400      # and runs/wm0_agent4 with --seed 4 (stopped after round 9)
 #   OMP_NUM_THREADS=1 python evaluate.py --run-dir runs/wm1_agent3 --seed 93 --episodes 30 --policies trained,random \
 #     --branches 0                                 # 30 fresh tracks, 10093-10122
 # Compact copies of the 16-round runs' evaluations (docs/curves/online16_*; online16_wm1_agent3 takes world model
-# 1's tokenizer and dynamics rows from online16_wm1_alone) and the README's figure:
-#   python plot.py --run-dir docs/curves/online16_wm0_alone docs/curves/online16_wm1_alone \
-#     docs/curves/online16_wm1_agent3 docs/curves/online16_wm3 docs/curves/online16_wm4 \
-#     --out docs/online_curve_16.png \
-#     --title "the recipe: 16 rounds, five runs on four world models (CarRacing-v3, 20 episodes per point)"
+# 1's tokenizer and dynamics rows from online16_wm1_alone, online16_wm0_agent4 world model 0's from
+# online16_wm0_alone) and the README's figure:
+#   python plot.py --run-dir docs/curves/online16_wm0_alone docs/curves/online16_wm0_agent4 \
+#     docs/curves/online16_wm1_alone docs/curves/online16_wm1_agent3 docs/curves/online16_wm3 \
+#     docs/curves/online16_wm4 --out docs/online_curve_16.png \
+#     --title "the recipe: 16 rounds, six runs on four world models (CarRacing-v3, 20 episodes per point)"
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
