@@ -153,6 +153,11 @@ class Config:
     iterations: int = arg(0, "online rounds after imagination: collect with the policy, finetune, imagine "
                              "(ours)", "agent", check=">=0")
     iteration_episodes: int = arg(10, "episodes collected with the policy per online round", "agent", check=">=1")
+    agent_seeds: int = arg(1, "run.py: agent stages started side by side at seeds --seed, --seed + 1, ...; after "
+                              "round --pick-round only the best-collecting one continues (ours)", "agent",
+                           check=">=1")
+    pick_round: int = arg(8, "run.py with --agent-seeds above 1: the online round whose policy's collection picks "
+                             "the agent (ours)", "agent", check=">=1")
     explore_prob: float = arg(0.2, "online collection: per-step probability of acting with the explorer",
                               "agent", check="[0,1]")
     online_share: float = arg(0.5, "online rounds: share of each finetuning and imagination batch drawn from the "
@@ -287,6 +292,9 @@ def check_config(cfg):
         raise ConfigError(f"--context-signal {cfg.context_signal:g} is not a signal level training produces: it must "
                           f"be k / {cfg.max_shortcut_steps} (--max-shortcut-steps) with 0 < k < "
                           f"{cfg.max_shortcut_steps}, e.g. {round(grid) / cfg.max_shortcut_steps:g}")
+    if cfg.agent_seeds > 1 and cfg.pick_round > cfg.iterations:
+        raise ConfigError(f"--pick-round {cfg.pick_round} is past the last online round (--iterations "
+                          f"{cfg.iterations}): the agent is picked in a round that runs")
 
 
 def env_kwargs(cfg):

@@ -55,6 +55,8 @@ def imagined_video(tokenizer, batch, rollout, device, clips=4):
 
 def main():
     cfg = d4.parse_config("policy", __doc__)
+    if cfg.agent_seeds > 1:
+        raise d4.ConfigError("--agent-seeds is run.py's: it starts this stage once per seed and keeps one")
     run_dir = Path(cfg.run_dir)
     checkpoint_path = run_dir / "agent.pt"
     device = d4.pick_device(cfg.device)
@@ -83,6 +85,10 @@ def main():
     clock = d4.Stopwatch(progress)
     per_iteration = cfg.finetune_steps + cfg.imagination_steps
     total = per_iteration * (cfg.iterations + 1)
+    if progress["step"] > total:   # (it would never reach its end)
+        raise d4.ConfigError(f"{checkpoint_path} has trained {progress['step']} steps, past the {total} that "
+                             f"--iterations {cfg.iterations} with these step counts end at; resume with as many "
+                             "iterations and steps as before, or more")
 
     def save(path=checkpoint_path):
         progress["elapsed_s"] = clock()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import dreamer4 as d4
+import run as run_py
 
 REPO = Path(__file__).resolve().parents[1]
 DISCRETE = ["--preset", "tiny", "--wandb", "disabled", "--env-kwargs", '{"continuous": false}', "--log-every", "1",
@@ -119,6 +120,8 @@ def test_every_numeric_flag_has_a_range():
     (["--sampling-steps", "3"], "--sampling-steps 3 must divide --max-shortcut-steps 64"),
     (["--max-shortcut-steps", "48"], "--max-shortcut-steps must be a power of 2"),
     (["--tok-dim", "30"], "must be even"),
+    (["--agent-seeds", "2", "--iterations", "1", "--pick-round", "2"], "--pick-round 2 is past the last online round"),
+    (["--pick-round", "0"], "--pick-round must be >= 1, not 0"),
 ])
 def test_an_out_of_range_flag_is_one_line_naming_it_and_its_range(flags, message):
     with pytest.raises(d4.ConfigError) as error:
@@ -131,6 +134,12 @@ def test_a_bad_flag_exits_2_before_any_file_is_written(script, tmp_path, stage):
     run_dir = tmp_path / "run"
     result = stage(script, "--preset", "tiny", "--run-dir", str(run_dir), "--steps", "0")
     assert "must be >= 1, not 0" in one_line_error(result) and not run_dir.exists()
+
+
+def test_agent_seeds_are_run_pys_and_train_policy_refuses_them(tmp_path, stage):
+    result = stage("train_policy.py", "--preset", "tiny", "--run-dir", str(tmp_path / "run"), "--agent-seeds", "2",
+                   "--iterations", "1", "--pick-round", "1")
+    assert "--agent-seeds is run.py's" in one_line_error(result) and not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,6 +190,15 @@ def test_resuming_with_other_model_sizes_is_one_line_and_left_alone(copied_run, 
     line = one_line_error(result)
     assert "tokenizer.pt was trained with other model sizes" in line and "size mismatch" in line
     assert (copied_run / "tokenizer.pt").read_bytes() == before
+
+
+def test_resuming_an_agent_past_the_end_it_is_given_is_one_line_and_left_alone(copied_run):
+    """The agent trained 6 + 6 steps; 6 + 3 would end before where it stands (and, unchecked, train on forever:
+    hence a subprocess, with run()'s timeout)."""
+    before = (copied_run / "agent.pt").read_bytes()
+    result = run("train_policy.py", *DISCRETE, "--run-dir", str(copied_run), "--resume", "--imagination-steps", "3")
+    assert "has trained 12 steps, past the 9" in one_line_error(result)
+    assert (copied_run / "agent.pt").read_bytes() == before
 
 
 def test_a_dynamics_of_another_tokenizer_is_one_line(copied_run, stage):
@@ -347,3 +365,48 @@ def test_a_run_killed_and_resumed_logs_the_losses_of_the_run_never_stopped(discr
         assert steps[:8] == list(range(1, 9)) and steps[8:11] == [6, 7, 8], (stage, steps)
     for a, b in zip(d4.episode_files(discrete_run / "data"), d4.episode_files(run_dir / "data")):
         assert a.read_bytes() == b.read_bytes()   # the collection too
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. run.py --agent-seeds: candidates side by side, the higher imagined return continues
+# ---------------------------------------------------------------------------------------------------------------
+def test_agent_seeds_run_to_the_pick_round_and_the_best_collecting_one_continues(discrete_run, tmp_path):
+    """Two agent stages (seeds 0 and 1) on copies of one world model's data play rounds 0-1 side by side; the one
+    whose round-1 policy scored more in the collection after round 1 goes on to round 2, the other stops there.
+    RUN itself gets no agent; run again, the finished pipeline trains nothing more."""
+    run_dir = tmp_path / "picked"
+    shutil.copytree(discrete_run, run_dir, ignore=shutil.ignore_patterns("videos", "agent*.pt", "metrics.jsonl"))
+    explorer_episodes = len(d4.episode_files(run_dir / "data"))
+    command = ["run.py", *DISCRETE, "--run-dir", str(run_dir), "--resume", "--agent-seeds", "2", "--pick-round", "1",
+               "--iterations", "2", "--iteration-episodes", "2", "--eval-max-episode-steps", "60"]
+    result = run(*command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pick = json.loads((run_dir / "agent_pick.json").read_text())
+    lines = {seed: metrics(run_dir / f"agent_seed{seed}") for seed in (0, 1)}
+    collected = {seed: [r["collect_return"] for r in rows if r.get("iteration") == 1 and "collect_return" in r]
+                 for seed, rows in lines.items()}
+    assert all(len(c) == 1 for c in collected.values()) and collected[0] != collected[1], collected
+    assert pick["seed"] == max(collected, key=collected.get) and pick["round"] == 1
+    assert {int(s): r for s, r in pick["collect_return"].items()} == {s: c[0] for s, c in collected.items()}
+    other = 1 - pick["seed"]
+    evaluated = {seed: [r["iteration"] for r in rows if "eval_return" in r] for seed, rows in lines.items()}
+    assert evaluated[pick["seed"]] == [0, 1, 2] and evaluated[other] == [0, 1]
+    episodes = {seed: len(d4.episode_files(run_dir / f"agent_seed{seed}" / "data")) for seed in (0, 1)}
+    assert episodes[pick["seed"]] == explorer_episodes + 6 and episodes[other] == explorer_episodes + 4
+    assert not (run_dir / "agent.pt").exists() and f"the agent is in {pick['run_dir']}" in result.stdout
+    assert pick["run_dir"] == str(run_dir / f"agent_seed{pick['seed']}")
+    again = run(*command)
+    assert again.returncode == 0 and metrics(run_dir / f"agent_seed{pick['seed']}") == lines[pick["seed"]]
+
+
+def test_the_pick_reads_the_last_collection_of_its_round(tmp_path):
+    """A collection logged twice (before and after a resume) counts once, the later line; other rounds' do not."""
+    rows = [dict(stage="dynamics", step=5, iteration=3, collect_return=99.0),
+            dict(stage="policy", step=10, iteration=3, collect_return=-5.0, collect_return_se=1.0),
+            dict(stage="policy", step=10, iteration=3, collect_return=-4.0, collect_return_se=1.0),
+            dict(stage="policy", step=20, iteration=4, collect_return=50.0, collect_return_se=1.0)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"stage": "policy", "st')   # a line being written
+    assert run_py.collected_return(path, 3) == -4.0 and run_py.collected_return(path, 4) == 50.0
+    with pytest.raises(d4.ConfigError, match="no collection of round 2"):
+        run_py.collected_return(path, 2)
