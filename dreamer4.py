@@ -164,7 +164,7 @@ class Config:
                                    "policy's own episodes (ours)", "agent", check="[0,1]")
     # optimization (every stage)
     batch_size: int = arg(32, "sequences per batch", "optimization", check=">=1")
-    seq_len: int = arg(8, "frames per tokenizer training sequence (its causal window)", "tokenizer", check=">=1")
+    seq_len: int = arg(8, "frames per tokenizer sequence (its causal window)", "tokenizer", check=">=1")
     lr: float = arg(3e-4, "AdamW peak learning rate", "optimization", check=">0")
     warmup_steps: int = arg(1000, "steps of linear learning-rate warm-up", "optimization", check=">=1")
     cooldown: float = arg(0.2, "final fraction of a stage's steps, the learning rate decaying to 0 (ours)",
@@ -174,7 +174,7 @@ class Config:
     loss_floor: float = arg(0.1, "least RMS (nats) the agent's likelihood loss terms are divided by (ours)",
                             "agent", check=">0")
     eval_every: int = arg(2000, "steps between evaluations (scores, videos)", "optimization", check=">=1")
-    save_every: int = arg(1000, "steps between checkpoints (also at the end and on Ctrl-C)",
+    save_every: int = arg(1000, "steps between checkpoints (and at the end or Ctrl-C)",
                           "optimization", check=">=1")
     eval_sequences: int = arg(64, "held-out sequences per evaluation", "optimization", check=">=1")
     log_every: int = arg(10, "steps between loss lines in metrics.jsonl", "optimization", check=">=1")
