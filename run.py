@@ -85,8 +85,8 @@ def picked_agent(cfg, forwarded):
         threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // len(dirs)
         processes = []
         for seed, directory in zip(seeds, dirs):
-            args = [*forwarded, "--run-dir", str(directory), "--seed", str(seed), "--agent-seeds", "1",
-                    "--iterations", str(cfg.pick_round)] + (["--resume"] if (directory / "agent.pt").exists() else [])
+            args = [*candidate_flags(forwarded, directory, seed), "--iterations", str(cfg.pick_round)] + (
+                ["--resume"] if (directory / "agent.pt").exists() else [])
             with open(directory / "stage.log", "a") as log:
                 processes.append(subprocess.Popen([sys.executable, str(HERE / "train_policy.py"), *args], stdout=log,
                                                   stderr=subprocess.STDOUT,
@@ -109,10 +109,26 @@ def picked_agent(cfg, forwarded):
         print(f"round {cfg.pick_round}'s collection return, by agent seed: " +
               ", ".join(f"{s} {r:+.2f}" for s, r in returns.items()) + f"; seed {seed} continues", flush=True)
     pick = json.loads(pick_path.read_text())
-    args = [*forwarded, "--run-dir", pick["run_dir"], "--seed", str(pick["seed"]), "--agent-seeds", "1", "--resume"]
+    args = [*candidate_flags(forwarded, pick["run_dir"], pick["seed"]), "--iterations", str(cfg.iterations),
+            "--resume"]
     print(f"agent seed {pick['seed']}: {' '.join(['train_policy.py', *args])}", flush=True)
     wait([subprocess.Popen([sys.executable, str(HERE / "train_policy.py"), *args])])
     print(f"the agent is in {pick['run_dir']}", flush=True)
+
+
+def candidate_flags(argv, directory, seed):
+    """One candidate's command line: run.py's, less --run-dir, --seed, --agent-seeds, --pick-round and
+    --iterations, plus its own directory and seed."""
+    dropped = ("--run-dir", "--seed", "--agent-seeds", "--pick-round", "--iterations")
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in dropped:
+            skip = True   # its value follows
+        elif not arg.startswith(tuple(flag + "=" for flag in dropped)):
+            kept.append(arg)
+    return [*kept, "--run-dir", str(directory), "--seed", str(seed)]
 
 
 def candidate_dir(run_dir, seed, copy=True):

@@ -410,3 +410,10 @@ def test_the_pick_reads_the_last_collection_of_its_round(tmp_path):
     assert run_py.collected_return(path, 3) == -4.0 and run_py.collected_return(path, 4) == 50.0
     with pytest.raises(d4.ConfigError, match="no collection of round 2"):
         run_py.collected_return(path, 2)
+
+
+def test_a_candidates_command_line_is_run_pys_with_its_own_directory_and_seed():
+    argv = ["--preset", "small", "--run-dir", "R", "--seed=3", "--agent-seeds", "2", "--pick-round=8", "--iterations",
+            "16", "--pmpo-beta", "0"]
+    assert run_py.candidate_flags(argv, "R/agent_seed4", 4) == ["--preset", "small", "--pmpo-beta", "0", "--run-dir",
+                                                                "R/agent_seed4", "--seed", "4"]
