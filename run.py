@@ -9,13 +9,13 @@ whose checkpoint exists continues it (a finished stage trains no further) and on
 same command continues an interrupted pipeline. Without --resume, an existing checkpoint stops the pipeline.
 
 With --agent-seeds K above 1 the agent stage starts K times side by side, at agent seeds --seed, --seed + 1, ...,
-each in RUN/agent_seed<S> on its own copy of data/, tokenizer.pt and dynamics.pt, the cores shared between them
-(each one's output in its stage.log). After online round --pick-round the one whose policy of that round scored
-most in its collection (the --iteration-episodes episodes that score it and become the next round's data; not the
-evaluation's tracks) continues alone to --iterations, and the others stop there. RUN/agent_pick.json records the
-choice; the agent's files are in the picked RUN/agent_seed<S>. On the 16-round recipe one world model's data gave agent
-seeds that drive and others that stay near zero; where both were run, round 8's collection was higher for the one
-that drove (docs/results.md, "What limits learning").
+each in RUN/agent_seed<S> on its own copy of the run so far (data/, tokenizer.pt, dynamics.pt, metrics.jsonl), the
+cores shared between them (each one's output in its stage.log). After online round --pick-round the one whose
+policy of that round scored most in its collection (the --iteration-episodes episodes that score it and become the
+next round's data; not the evaluation's tracks) continues alone to --iterations, and the others stop there.
+RUN/agent_pick.json records the choice; the agent's files are in the picked RUN/agent_seed<S>. On the 16-round
+recipe one world model's data gave agent seeds that drive and others that stay near zero; where both were run,
+round 8's collection was higher for the one that drove (docs/results.md, "What limits learning").
 """
 import json
 import os
@@ -132,12 +132,13 @@ def candidate_flags(argv, directory, seed):
 
 
 def candidate_dir(run_dir, seed, copy=True):
-    """RUN/agent_seed<S>, with copies of the world model's data/, latent cache, tokenizer.pt and dynamics.pt
-    (dynamics.pt last: a copy cut off is made again)."""
+    """RUN/agent_seed<S>, with copies of the world model's data/, latent cache, metrics.jsonl (so that plot.py
+    counts the world model's hours), tokenizer.pt and dynamics.pt (dynamics.pt last: a copy cut off is made again)."""
     directory = run_dir / f"agent_seed{seed}"
     if copy and not (directory / "dynamics.pt").exists():
         shutil.copytree(run_dir / "data", directory / "data", dirs_exist_ok=True)
-        for path in [*run_dir.glob("latents_*.npy"), run_dir / "tokenizer.pt", run_dir / "dynamics.pt"]:
+        for path in [*run_dir.glob("latents_*.npy"), *run_dir.glob("metrics.jsonl"), run_dir / "tokenizer.pt",
+                     run_dir / "dynamics.pt"]:
             shutil.copy2(path, directory / path.name)
     return directory
 

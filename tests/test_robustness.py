@@ -375,7 +375,9 @@ def test_agent_seeds_run_to_the_pick_round_and_the_best_collecting_one_continues
     whose round-1 policy scored more in the collection after round 1 goes on to round 2, the other stops there.
     RUN itself gets no agent; run again, the finished pipeline trains nothing more."""
     run_dir = tmp_path / "picked"
-    shutil.copytree(discrete_run, run_dir, ignore=shutil.ignore_patterns("videos", "agent*.pt", "metrics.jsonl"))
+    shutil.copytree(discrete_run, run_dir, ignore=shutil.ignore_patterns("videos", "agent*.pt"))
+    world_model = [r for r in metrics(run_dir) if r["stage"] != "policy"]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world_model))
     explorer_episodes = len(d4.episode_files(run_dir / "data"))
     command = ["run.py", *DISCRETE, "--run-dir", str(run_dir), "--resume", "--agent-seeds", "2", "--pick-round", "1",
                "--iterations", "2", "--iteration-episodes", "2", "--eval-max-episode-steps", "60"]
@@ -389,6 +391,7 @@ def test_agent_seeds_run_to_the_pick_round_and_the_best_collecting_one_continues
     assert pick["seed"] == max(collected, key=collected.get) and pick["round"] == 1
     assert {int(s): r for s, r in pick["collect_return"].items()} == {s: c[0] for s, c in collected.items()}
     other = 1 - pick["seed"]
+    assert all(rows[:len(world_model)] == world_model for rows in lines.values())   # plot.py counts its hours
     evaluated = {seed: [r["iteration"] for r in rows if "eval_return" in r] for seed, rows in lines.items()}
     assert evaluated[pick["seed"]] == [0, 1, 2] and evaluated[other] == [0, 1]
     episodes = {seed: len(d4.episode_files(run_dir / f"agent_seed{seed}" / "data")) for seed in (0, 1)}
