@@ -1,14 +1,20 @@
 #!/bin/sh
 # Issue 19's CPU recipe (docs/results.md, "What limits learning"): the small preset's tokenizer and dynamics (5000
-# steps), then the agent with 16 online rounds: collect 10 full-length episodes with the policy, finetune on the
+# steps) at seed SEED, then two agent stages side by side on copies of its data (agent seeds SEED and SEED + 1, one
+# thread each on two cores), 16 online rounds each: collect 10 full-length episodes with the policy, finetune on the
 # grown data (half of every batch from the policy's own episodes), refit the BC prior, 400 imagination steps without
-# the KL to the prior continuing the previous round's policy, evaluate on the standard protocol (20 tracks).
+# the KL to the prior continuing the previous round's policy, evaluate on the standard protocol (20 tracks). After
+# round 8's collection the agent whose collection scored more continues alone, the other stops (run.py
+# --agent-seeds, --pick-round): on one world model some agent seeds drive and others never do.
 # Usage: sh docs/online_recipe.sh [RUN_DIR] [SEED] (defaults runs/recipe, 0). Resumable: run the same command again
-# after an interruption. RUN_DIR/agent.pt is the last round's policy, RUN_DIR/agent_best.pt the same unless the
-# best-collecting earlier round beat its collected episodes by two standard errors. Then the learning curve and the
-# kept policy on the standard protocol:
-#   python plot.py --run-dir runs/recipe              # writes runs/recipe/curve.png
-#   python evaluate.py --run-dir runs/recipe --checkpoint agent_best.pt --policies trained
+# after an interruption. RUN_DIR/agent_pick.json names the picked RUN_DIR/agent_seed<S>; there agent.pt is the last
+# round's policy, agent_best.pt the same unless the best-collecting earlier round beat its collected episodes by two
+# standard errors. Then the learning curve and the kept policy on the standard protocol:
+#   python plot.py --run-dir runs/recipe/agent_seed0             # (or agent_seed1) writes its curve.png
+#   python evaluate.py --run-dir runs/recipe/agent_seed0 --checkpoint agent_best.pt --policies trained
+# Up to commit 4a00874 the recipe was one agent stage (the runs below up to "Two more agent seeds"):
+#   python run.py --preset small --run-dir RUN --wandb disabled --seed S --resume --iterations 16 --pmpo-beta 0 \
+#     --imagination-steps 400
 # Until commit 0c2d0b4 the recipe was 10 rounds on 3500-step dynamics (the runs below, before "16 rounds"):
 #   python run.py --preset small --run-dir RUN --wandb disabled --seed S --resume --iterations 10 --pmpo-beta 0 \
 #     --imagination-steps 400 --dynamics-steps 3500
@@ -93,7 +99,20 @@
 #     docs/curves/online16_wm1_alone docs/curves/online16_wm1_agent3 docs/curves/online16_wm3 \
 #     docs/curves/online16_wm4 --out docs/online_curve_16.png \
 #     --title "the recipe: 16 rounds, six runs on four world models (CarRacing-v3, 20 episodes per point)"
+# Two more agent seeds on world model 1's round-0 inputs (code of bb1fd4e), side by side, one thread each, stopped
+# (kill -9, the checkpoint of step 7200) right after each logged round 8's collection:
+#   OMP_NUM_THREADS=1 python train_policy.py --preset small --run-dir runs/wm1_agent5 --wandb disabled --seed 5 \
+#     --pmpo-beta 0 --imagination-steps 400 --iterations 16       # and runs/wm1_agent6 with --seed 6
+# then handed to the recipe's pick (code of 824e302) in a run directory holding world model 1 (its data/ of 126
+# explorer episodes, tokenizer.pt, dynamics.pt) with the two as agent_seed5 and agent_seed6 (symlinks):
+#   python run.py --preset small --run-dir runs/wm1_pick --wandb disabled --seed 5 --resume --iterations 16 \
+#     --pmpo-beta 0 --imagination-steps 400 --agent-seeds 2 --pick-round 8
+# Compact copies (docs/curves/online16_wm1_agent5 and _agent6, world model 1's rows from online16_wm1_alone) and
+# docs/results.md's figure of world model 1's four agent seeds (online16_wm1_alone is seed 1):
+#   python plot.py --run-dir docs/curves/online16_wm1_alone docs/curves/online16_wm1_agent3 \
+#     docs/curves/online16_wm1_agent5 docs/curves/online16_wm1_agent6 --out docs/online_curve_wm1.png \
+#     --title "world model 1, agent seeds 1, 3, 5 and 6 (CarRacing-v3, 20 episodes per point)"
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
-  --iterations 16 --pmpo-beta 0 --imagination-steps 400
+  --iterations 16 --pmpo-beta 0 --imagination-steps 400 --agent-seeds 2 --pick-round 8
