@@ -376,7 +376,7 @@ def test_agent_seeds_run_to_the_pick_round_and_the_best_collecting_one_continues
     RUN itself gets no agent; run again, the finished pipeline trains nothing more."""
     run_dir = tmp_path / "picked"
     shutil.copytree(discrete_run, run_dir, ignore=shutil.ignore_patterns("videos", "agent*.pt"))
-    world_model = [r for r in metrics(run_dir) if r["stage"] != "policy"]
+    world_model = [r for r in metrics(run_dir) if r["stage"] in ("mae", "dynamics")]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world_model))
     explorer_episodes = len(d4.episode_files(run_dir / "data"))
     command = ["run.py", *DISCRETE, "--run-dir", str(run_dir), "--resume", "--agent-seeds", "2", "--pick-round", "1",
@@ -385,14 +385,16 @@ def test_agent_seeds_run_to_the_pick_round_and_the_best_collecting_one_continues
     assert result.returncode == 0, result.stderr[-3000:]
     pick = json.loads((run_dir / "agent_pick.json").read_text())
     lines = {seed: metrics(run_dir / f"agent_seed{seed}") for seed in (0, 1)}
-    collected = {seed: [r["collect_return"] for r in rows if r.get("iteration") == 1 and "collect_return" in r]
+    collected = {seed: [r["collect_return"] for r in rows if r["stage"] == "policy" and r.get("iteration") == 1
+                        and "collect_return" in r]
                  for seed, rows in lines.items()}
     assert all(len(c) == 1 for c in collected.values()) and collected[0] != collected[1], collected
     assert pick["seed"] == max(collected, key=collected.get) and pick["round"] == 1
     assert {int(s): r for s, r in pick["collect_return"].items()} == {s: c[0] for s, c in collected.items()}
     other = 1 - pick["seed"]
     assert all(rows[:len(world_model)] == world_model for rows in lines.values())   # plot.py counts its hours
-    evaluated = {seed: [r["iteration"] for r in rows if "eval_return" in r] for seed, rows in lines.items()}
+    evaluated = {seed: [r["iteration"] for r in rows if r["stage"] == "policy" and "eval_return" in r]
+                 for seed, rows in lines.items()}   # (the world model's copied lines may hold an evaluate.py one)
     assert evaluated[pick["seed"]] == [0, 1, 2] and evaluated[other] == [0, 1]
     episodes = {seed: len(d4.episode_files(run_dir / f"agent_seed{seed}" / "data")) for seed in (0, 1)}
     assert episodes[pick["seed"]] == explorer_episodes + 6 and episodes[other] == explorer_episodes + 4
