@@ -41,13 +41,12 @@ def main():
     cfg = d4.parse_config("mae", __doc__, argv)   # every stage parses the same flags: check them once, up front
     forwarded = [arg for arg in argv if arg not in ("--resume", "--no-resume")]
     for number, (script, checkpoint) in enumerate(STAGES, 1):
+        start = time.perf_counter()
         if script == "train_policy.py" and cfg.agent_seeds > 1:
             print(f"stage {number}/3: {script} at agent seeds {cfg.seed}..{cfg.seed + cfg.agent_seeds - 1}",
                   flush=True)
-            start = time.perf_counter()
             picked_agent(cfg, forwarded)
         else:
-            start = time.perf_counter()
             resume = ["--resume"] if cfg.resume and (Path(cfg.run_dir) / checkpoint).exists() else []
             print(f"stage {number}/3: {' '.join([script, *forwarded, *resume])}", flush=True)
             wait([subprocess.Popen([sys.executable, str(HERE / script), *forwarded, *resume])])
@@ -80,11 +79,10 @@ def picked_agent(cfg, forwarded):
         if (run_dir / "agent.pt").exists():
             raise d4.ConfigError(f"{run_dir / 'agent.pt'} exists: --agent-seeds starts new agent stages on the world "
                                  "model's data; use another --run-dir")
-        seeds = range(cfg.seed, cfg.seed + cfg.agent_seeds)
-        dirs = [candidate_dir(run_dir, seed) for seed in seeds]
+        dirs = {seed: candidate_dir(run_dir, seed) for seed in range(cfg.seed, cfg.seed + cfg.agent_seeds)}
         threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // len(dirs)
         processes = []
-        for seed, directory in zip(seeds, dirs):
+        for seed, directory in dirs.items():
             args = [*candidate_flags(forwarded, directory, seed), "--iterations", str(cfg.pick_round)] + (
                 ["--resume"] if (directory / "agent.pt").exists() else [])
             with open(directory / "stage.log", "a") as log:
@@ -95,16 +93,16 @@ def picked_agent(cfg, forwarded):
                    unit="step")
 
         def progress():
-            bar.n = sum(last_step(directory / "metrics.jsonl") for directory in dirs)
+            bar.n = sum(last_step(directory / "metrics.jsonl") for directory in dirs.values())
             bar.refresh()
         try:
             wait(processes, progress)
         finally:
             bar.close()
         returns = {seed: collected_return(directory / "metrics.jsonl", cfg.pick_round)
-                   for seed, directory in zip(seeds, dirs)}
+                   for seed, directory in dirs.items()}
         seed = max(returns, key=returns.get)
-        pick_path.write_text(json.dumps(dict(seed=seed, run_dir=str(candidate_dir(run_dir, seed, copy=False)),
+        pick_path.write_text(json.dumps(dict(seed=seed, run_dir=str(dirs[seed]),
                                              round=cfg.pick_round, collect_return=returns)) + "\n")
         print(f"round {cfg.pick_round}'s collection return, by agent seed: " +
               ", ".join(f"{s} {r:+.2f}" for s, r in returns.items()) + f"; seed {seed} continues", flush=True)
@@ -131,11 +129,11 @@ def candidate_flags(argv, directory, seed):
     return [*kept, "--run-dir", str(directory), "--seed", str(seed)]
 
 
-def candidate_dir(run_dir, seed, copy=True):
+def candidate_dir(run_dir, seed):
     """RUN/agent_seed<S>, with copies of the world model's data/, latent cache, metrics.jsonl (so that plot.py
     counts the world model's hours), tokenizer.pt and dynamics.pt (dynamics.pt last: a copy cut off is made again)."""
     directory = run_dir / f"agent_seed{seed}"
-    if copy and not (directory / "dynamics.pt").exists():
+    if not (directory / "dynamics.pt").exists():
         shutil.copytree(run_dir / "data", directory / "data", dirs_exist_ok=True)
         for path in [*run_dir.glob("latents_*.npy"), *run_dir.glob("metrics.jsonl"), run_dir / "tokenizer.pt",
                      run_dir / "dynamics.pt"]:
