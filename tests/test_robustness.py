@@ -368,7 +368,7 @@ def test_a_run_killed_and_resumed_logs_the_losses_of_the_run_never_stopped(discr
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 7. run.py --agent-seeds: candidates side by side, the higher imagined return continues
+# 7. run.py --agent-seeds: candidates side by side, the one whose collection scored more continues
 # ---------------------------------------------------------------------------------------------------------------
 def test_agent_seeds_run_to_the_pick_round_and_the_best_collecting_one_continues(discrete_run, tmp_path):
     """Two agent stages (seeds 0 and 1) on copies of one world model's data play rounds 0-1 side by side; the one
@@ -394,7 +394,7 @@ def test_agent_seeds_run_to_the_pick_round_and_the_best_collecting_one_continues
     other = 1 - pick["seed"]
     assert all(rows[:len(world_model)] == world_model for rows in lines.values())   # plot.py counts its hours
     evaluated = {seed: [r["iteration"] for r in rows if r["stage"] == "policy" and "eval_return" in r]
-                 for seed, rows in lines.items()}   # (the world model's copied lines may hold an evaluate.py one)
+                 for seed, rows in lines.items()}
     assert evaluated[pick["seed"]] == [0, 1, 2] and evaluated[other] == [0, 1]
     episodes = {seed: len(d4.episode_files(run_dir / f"agent_seed{seed}" / "data")) for seed in (0, 1)}
     assert episodes[pick["seed"]] == explorer_episodes + 6 and episodes[other] == explorer_episodes + 4
