@@ -21,7 +21,7 @@ import dreamer4 as d4
 WIDTH, HEIGHT, MARGIN = 520, 360, 60
 COLORS = {"trained": (200, 90, 30), "bc": (60, 160, 60), "random": (40, 40, 200)}   # BGR
 RUN_COLORS = [COLORS["trained"], (20, 150, 240), (170, 60, 170), (90, 90, 90), (0, 170, 170),
-              (160, 160, 0)]   # one per run
+              (160, 160, 0), (30, 80, 140), (180, 120, 240)]   # one per run
 
 
 def curve(run_dir, before_s=None):
