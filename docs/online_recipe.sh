@@ -97,8 +97,9 @@
 # online16_wm0_alone) and the README's figure:
 #   python plot.py --run-dir docs/curves/online16_wm0_alone docs/curves/online16_wm0_agent4 \
 #     docs/curves/online16_wm1_alone docs/curves/online16_wm1_agent3 docs/curves/online16_wm3 \
-#     docs/curves/online16_wm4 --out docs/online_curve_16.png \
-#     --title "the recipe: 16 rounds, six runs on four world models (CarRacing-v3, 20 episodes per point)"
+#     docs/curves/online16_wm4 docs/curves/recipe_wm5_agent6 --out docs/online_curve_16.png \
+#     --title "the recipe: 16 rounds, seven runs on five world models (CarRacing-v3, 20 episodes per point)"
+# (recipe_wm5_agent6, this script end to end on world model 5, below, joined the figure after commit 968c580.)
 # Two more agent seeds on world model 1's round-0 inputs (code of bb1fd4e), side by side, one thread each, stopped
 # (kill -9, the checkpoint of step 7200) right after each logged round 8's collection:
 #   OMP_NUM_THREADS=1 python train_policy.py --preset small --run-dir runs/wm1_agent5 --wandb disabled --seed 5 \
@@ -112,6 +113,15 @@
 #   python plot.py --run-dir docs/curves/online16_wm1_alone docs/curves/online16_wm1_agent3 \
 #     docs/curves/online16_wm1_agent5 docs/curves/online16_wm1_agent6 --out docs/online_curve_wm1.png \
 #     --title "world model 1, agent seeds 1, 3, 5 and 6 (CarRacing-v3, 20 episodes per point)"
+# This script end to end on world model 5 (code of 41f925f), alone, resumed once with the same command after the
+# session ended in round 11:
+#   /usr/bin/time -v sh docs/online_recipe.sh runs/recipe_seed5 5
+#   python evaluate.py --run-dir runs/recipe_seed5/agent_seed6 --checkpoint agent_best.pt --seed 93 --episodes 30 \
+#     --policies trained,random --branches 0       # 30 fresh tracks, 10093-10122
+# Compact copies (docs/curves/recipe_wm5_agent5 and _agent6) and docs/results.md's figure:
+#   python plot.py --run-dir docs/curves/recipe_wm5_agent5 docs/curves/recipe_wm5_agent6 \
+#     --out docs/online_curve_wm5.png \
+#     --title "world model 5, the recipe end to end: agent seeds 5 and 6, seed 6 picked after round 8 (CarRacing-v3, 20 episodes per point)"
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
