@@ -152,6 +152,9 @@ class Config:
                                    "0: off", "agent", check=">=0")
     iterations: int = arg(0, "online rounds after imagination: collect with the policy, finetune, imagine "
                              "(ours)", "agent", check=">=0")
+    hours: float = arg(0.0, "online rounds: the next round starts only if, at the last round's pace, it and the "
+                            "collection scoring its policy end within this many hours of training (the tokenizer's, "
+                            "dynamics' and agent's elapsed_s); 0: no limit (ours)", "agent", check=">=0")
     iteration_episodes: int = arg(10, "episodes collected with the policy per online round", "agent", check=">=1")
     agent_seeds: int = arg(1, "run.py: agent stages started side by side at seeds --seed, --seed + 1, ...; after "
                               "round --pick-round only the best-collecting one continues (ours)", "agent",

@@ -15,7 +15,9 @@ policy of that round scored most in its collection (the --iteration-episodes epi
 next round's data; not the evaluation's tracks) continues alone to --iterations, and the others stop there.
 RUN/agent_pick.json records the choice; the agent's files are in the picked RUN/agent_seed<S>. On the 16-round
 recipe one world model's data gave agent seeds that drive and others that stay near zero; where both were run,
-round 8's collection was higher for the one that drove (docs/results.md, "What limits learning").
+round 8's collection was higher for the one that drove (docs/results.md, "What limits learning"). Where --hours
+stops the candidates before --pick-round, the pick reads the last round all their collections scored, and the
+picked one goes no further.
 """
 import json
 import os
@@ -99,12 +101,13 @@ def picked_agent(cfg, forwarded):
             wait(processes, progress)
         finally:
             bar.close()
-        returns = {seed: collected_return(directory / "metrics.jsonl", cfg.pick_round)
-                   for seed, directory in dirs.items()}
+        # (before --pick-round only where --hours stopped a candidate; the picked one then stops too)
+        pick_round = min(cfg.pick_round, *(last_collected(d / "metrics.jsonl") for d in dirs.values()))
+        returns = {seed: collected_return(directory / "metrics.jsonl", pick_round) for seed, directory in dirs.items()}
         seed = max(returns, key=returns.get)
         pick_path.write_text(json.dumps(dict(seed=seed, run_dir=str(dirs[seed]),
-                                             round=cfg.pick_round, collect_return=returns)) + "\n")
-        print(f"round {cfg.pick_round}'s collection return, by agent seed: " +
+                                             round=pick_round, collect_return=returns)) + "\n")
+        print(f"round {pick_round}'s collection return, by agent seed: " +
               ", ".join(f"{s} {r:+.2f}" for s, r in returns.items()) + f"; seed {seed} continues", flush=True)
     pick = json.loads(pick_path.read_text())
     args = [*candidate_flags(forwarded, pick["run_dir"], pick["seed"]), "--iterations", str(cfg.iterations),
@@ -156,6 +159,11 @@ def policy_rows(path):
 def last_step(path):
     rows = policy_rows(path)
     return rows[-1]["step"] if rows else 0
+
+
+def last_collected(path):
+    """The last round whose policy a collection scored (see collected_return); -1 if none."""
+    return max((row["iteration"] for row in policy_rows(path) if "collect_return" in row), default=-1)
 
 
 def collected_return(path, iteration):

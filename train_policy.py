@@ -17,7 +17,9 @@ scores the final policy. agent_best.pt keeps a round's policy, chosen on the col
 evaluation's: while rounds run, the best-collecting round so far; after the last round, the last policy unless the
 best-collecting earlier round beat its collection by more than two standard errors (a closer lead is noise:
 docs/results.md). `python evaluate.py --checkpoint agent_best.pt` plays it. Raising --iterations on a finished run
-continues from the policy kept then.
+continues from the policy kept then. --hours H ends the rounds early where, at the last round's pace, the next
+round and its scoring collection would end past H hours of training (every stage's elapsed_s; the same command
+again stops there too, a larger H goes on).
 """
 import dataclasses
 from pathlib import Path
@@ -53,6 +55,17 @@ def imagined_video(tokenizer, batch, rollout, device, clips=4):
     return columns
 
 
+def round_fits(hours, spent_s, round_ends, collect_s):
+    """--hours: whether one more online round and the collection that scores its policy end within `hours` (0: no
+    limit), at the last round's pace. spent_s: training seconds so far, every stage; round_ends: the agent stage's
+    elapsed_s at each round's evaluation (the first round timed from the stage's start); collect_s: the last
+    collection's seconds. None for round_ends: a run begun before --hours, which kept no pace (it fits)."""
+    if not hours or not round_ends:
+        return True
+    pace = round_ends[-1] - (round_ends[-2] if len(round_ends) > 1 else 0.0)
+    return spent_s + pace + collect_s <= hours * 3600
+
+
 def main():
     cfg = d4.parse_config("policy", __doc__)
     if cfg.agent_seeds > 1:
@@ -83,6 +96,8 @@ def main():
         progress = state["progress"]
         d4.restore_random_state(state["random"], rng, generator)
     clock = d4.Stopwatch(progress)
+    world_s = (d4.load_checkpoint(run_dir / "tokenizer.pt").get("elapsed_s", 0.0) +
+               dynamics_state.get("elapsed_s", 0.0))   # the world model's training time, for --hours
     per_iteration = cfg.finetune_steps + cfg.imagination_steps
     total = per_iteration * (cfg.iterations + 1)
     if progress["step"] > total:   # (it would never reach its end)
@@ -136,6 +151,7 @@ def main():
                             collect_returns=[])
             progress.setdefault("own_from", progress["collect_start"])
         agent.eval()
+        began = clock()
         start, played = progress["collect_start"], progress["collect_played"]
         seed = cfg.seed + COLLECT_SEED + start + played
         explorer = d4.AgentPolicy(agent, tokenizer, tokenizer.window, device, seed=seed,
@@ -151,7 +167,7 @@ def main():
         agent.train()
         if progress.get("collect_returns"):   # (absent in a collection begun by an older version)
             keep_best(iteration - 1, *ev.mean_and_se(progress["collect_returns"]), last=progress["step"] == total)
-        progress.update(collect_start=None, collected=iteration)
+        progress.update(collect_start=None, collected=iteration, collect_s=clock() - began)
         dataset, latents, _, action_bins = d4.world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device)
 
     def keep_best(played, mean, se, last):
@@ -190,7 +206,15 @@ def main():
             if step > 0 and within == 0 and len(progress["evaluated"]) < iteration:
                 evaluate(iteration - 1, step)   # the previous iteration has ended
                 progress["evaluated"].append(step)
+                progress.setdefault("round_ends", []).append(clock())
                 save()
+            ends = progress.get("round_ends")
+            if 0 < step < total and within == 0 and not round_fits(
+                    cfg.hours, world_s + clock(), ends if ends and len(ends) == iteration else None,
+                    progress.get("collect_s", 0.0)):
+                total = bar.total = step   # checked again on --resume: a larger --hours goes on from here
+                bar.write(f"--hours {cfg.hours:g}: at the last round's pace round {iteration} would end past it; "
+                          f"round {iteration - 1}'s policy is the last")
             if step == total:
                 if cfg.iterations and progress["collected"] < iteration:
                     collect(iteration)   # scores the last round's policy for agent_best.pt (its data stays)

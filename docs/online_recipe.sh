@@ -5,7 +5,10 @@
 # grown data (half of every batch from the policy's own episodes), refit the BC prior, 400 imagination steps without
 # the KL to the prior continuing the previous round's policy, evaluate on the standard protocol (20 tracks). After
 # round 8's collection the agent whose collection scored more continues alone, the other stops (run.py
-# --agent-seeds, --pick-round): on one world model some agent seeds drive and others never do.
+# --agent-seeds, --pick-round): on one world model some agent seeds drive and others never do. --hours 2.9: on a
+# slow day the rounds end early, where at the last round's pace the next one and its scoring collection would end
+# past 2.9 hours of training (every stage's elapsed_s; collecting the explorer's data and starting the stages lie
+# outside it: 0.1 h are left for them); at the usual speed all 16 rounds fit (docs/results.md).
 # Usage: sh docs/online_recipe.sh [RUN_DIR] [SEED] (defaults runs/recipe, 0). Resumable: run the same command again
 # after an interruption. RUN_DIR/agent_pick.json names the picked RUN_DIR/agent_seed<S>; there agent.pt is the last
 # round's policy, agent_best.pt the same unless the best-collecting earlier round beat its collected episodes by two
@@ -125,4 +128,4 @@
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
-  --iterations 16 --pmpo-beta 0 --imagination-steps 400 --agent-seeds 2 --pick-round 8
+  --iterations 16 --pmpo-beta 0 --imagination-steps 400 --agent-seeds 2 --pick-round 8 --hours 2.9

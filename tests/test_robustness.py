@@ -15,6 +15,7 @@ import torch
 
 import dreamer4 as d4
 import run as run_py
+import train_policy
 
 REPO = Path(__file__).resolve().parents[1]
 DISCRETE = ["--preset", "tiny", "--wandb", "disabled", "--env-kwargs", '{"continuous": false}', "--log-every", "1",
@@ -422,3 +423,36 @@ def test_a_candidates_command_line_is_run_pys_with_its_own_directory_and_seed():
             "16", "--pmpo-beta", "0"]
     assert run_py.candidate_flags(argv, "R/agent_seed4", 4) == ["--preset", "small", "--pmpo-beta", "0", "--run-dir",
                                                                 "R/agent_seed4", "--seed", "4"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. --hours: online rounds end where the next would not fit
+# ---------------------------------------------------------------------------------------------------------------
+def test_a_round_fits_the_hours_if_at_the_last_rounds_pace_it_and_its_scoring_end_within_them():
+    assert train_policy.round_fits(0, 1e9, [100.0, 250.0], 50.0)            # 0: no limit
+    assert train_policy.round_fits(1, 3400.0, [100.0, 250.0], 50.0)         # 3400 + 150 + 50 = 3600 s: just fits
+    assert not train_policy.round_fits(1, 3401.0, [100.0, 250.0], 50.0)
+    assert train_policy.round_fits(1, 3450.0, [100.0], 50.0)                # the first round: timed from 0
+    assert not train_policy.round_fits(1, 3451.0, [100.0], 50.0)
+    assert train_policy.round_fits(1, 1e9, None, 50.0)                      # a run that kept no pace
+
+
+def test_hours_end_the_rounds_where_the_next_would_not_fit_and_a_larger_limit_goes_on(copied_run, stage):
+    """The agent (round 0 done, 6 + 6 steps) resumed for two online rounds with a limit already spent: no round
+    starts, one collection scores round 0's policy (agent_best.pt), and the same command again trains nothing;
+    without the limit it goes on to round 1."""
+    def rounds():
+        rows = [r for r in metrics(copied_run) if r["stage"] == "policy"]
+        return ([r["iteration"] for r in rows if "eval_return" in r],
+                [r["iteration"] for r in rows if "collect_return" in r], len(d4.episode_files(copied_run / "data")),
+                torch.load(copied_run / "agent.pt", weights_only=True)["progress"]["step"])
+    evaluated, collected, episodes, step = rounds()
+    assert (evaluated, collected, step) == ([0], [], 12)
+    command = ["train_policy.py", *DISCRETE, "--run-dir", str(copied_run), "--resume", "--iterations", "2"]
+    for _ in range(2):
+        result = stage(*command, "--hours", "1e-6")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "round 1 would end past it; round 0's policy is the last" in result.stdout
+        assert rounds() == ([0], [0], episodes + 1, 12) and (copied_run / "agent_best.pt").exists()
+    result = stage(*command[:-1], "1")
+    assert result.returncode == 0 and rounds() == ([0, 1], [0, 1], episodes + 2, 24), result.stderr[-3000:]
