@@ -16,8 +16,8 @@ next round's data; not the evaluation's tracks) continues alone to --iterations,
 RUN/agent_pick.json records the choice; the agent's files are in the picked RUN/agent_seed<S>. On the 16-round
 recipe one world model's data gave agent seeds that drive and others that stay near zero; where both were run,
 round 8's collection was higher for the one that drove (docs/results.md, "What limits learning"). Where --hours
-stops the candidates before --pick-round, the pick reads the last round all their collections scored, and the
-picked one goes no further.
+stops the candidates before --pick-round, the pick reads the last round all their collections scored (the picked
+one, resumed with the same --hours, stops where it is).
 """
 import json
 import os
@@ -101,10 +101,7 @@ def picked_agent(cfg, forwarded):
             wait(processes, progress)
         finally:
             bar.close()
-        # (before --pick-round only where --hours stopped a candidate; the picked one then stops too)
-        pick_round = min(cfg.pick_round, *(last_collected(d / "metrics.jsonl") for d in dirs.values()))
-        returns = {seed: collected_return(directory / "metrics.jsonl", pick_round) for seed, directory in dirs.items()}
-        seed = max(returns, key=returns.get)
+        seed, pick_round, returns = best_collecting({s: d / "metrics.jsonl" for s, d in dirs.items()}, cfg.pick_round)
         pick_path.write_text(json.dumps(dict(seed=seed, run_dir=str(dirs[seed]),
                                              round=pick_round, collect_return=returns)) + "\n")
         print(f"round {pick_round}'s collection return, by agent seed: " +
@@ -159,6 +156,15 @@ def policy_rows(path):
 def last_step(path):
     rows = policy_rows(path)
     return rows[-1]["step"] if rows else 0
+
+
+def best_collecting(paths, pick_round):
+    """The candidate whose policy scored most in the collection after round `pick_round` (or after the last round
+    all of them scored, where --hours stopped them before it). paths: seed -> its metrics.jsonl. Returns the
+    seed, the round and each seed's collection return."""
+    pick_round = min(pick_round, *(last_collected(path) for path in paths.values()))
+    returns = {seed: collected_return(path, pick_round) for seed, path in paths.items()}
+    return max(returns, key=returns.get), pick_round, returns
 
 
 def last_collected(path):

@@ -55,15 +55,15 @@ def imagined_video(tokenizer, batch, rollout, device, clips=4):
     return columns
 
 
-def round_fits(hours, spent_s, round_ends, collect_s):
-    """--hours: whether one more online round and the collection that scores its policy end within `hours` (0: no
-    limit), at the last round's pace. spent_s: training seconds so far, every stage; round_ends: the agent stage's
-    elapsed_s at each round's evaluation (the first round timed from the stage's start); collect_s: the last
-    collection's seconds. None for round_ends: a run begun before --hours, which kept no pace (it fits)."""
-    if not hours or not round_ends:
-        return True
-    pace = round_ends[-1] - (round_ends[-2] if len(round_ends) > 1 else 0.0)
-    return spent_s + pace + collect_s <= hours * 3600
+def round_end_s(spent_s, round_ends, collect_s):
+    """--hours: the training seconds (every stage) at which one more online round and the collection scoring its
+    policy would end at the last round's pace: spent_s so far, plus the last round's seconds (round_ends: the agent
+    stage's elapsed_s at each round's evaluation; the first round, timed from the stage's start, held no
+    collection), plus collect_s (the last collection's seconds). None without round_ends (a run begun before
+    --hours kept none)."""
+    if not round_ends:
+        return None
+    return spent_s + round_ends[-1] - (round_ends[-2] if len(round_ends) > 1 else 0.0) + collect_s
 
 
 def main():
@@ -148,10 +148,10 @@ def main():
         nonlocal dataset, latents, action_bins
         if progress["collect_start"] is None:
             progress.update(collect_start=len(d4.episode_files(run_dir / "data")), collect_played=0,
-                            collect_returns=[])
+                            collect_returns=[], collect_began=clock())
             progress.setdefault("own_from", progress["collect_start"])
         agent.eval()
-        began = clock()
+        began = progress.get("collect_began", clock())   # (absent in a collection begun by an older version)
         start, played = progress["collect_start"], progress["collect_played"]
         seed = cfg.seed + COLLECT_SEED + start + played
         explorer = d4.AgentPolicy(agent, tokenizer, tokenizer.window, device, seed=seed,
@@ -167,8 +167,9 @@ def main():
         agent.train()
         if progress.get("collect_returns"):   # (absent in a collection begun by an older version)
             keep_best(iteration - 1, *ev.mean_and_se(progress["collect_returns"]), last=progress["step"] == total)
-        progress.update(collect_start=None, collected=iteration, collect_s=clock() - began)
+        progress.update(collect_start=None, collected=iteration)
         dataset, latents, _, action_bins = d4.world_data(cfg, tokenizer, tokenizer_cfg, tokenizer_step, device)
+        progress["collect_s"] = clock() - began   # with encoding its frames, for --hours
 
     def keep_best(played, mean, se, last):
         """The policy of round `played` (its collected episodes scored mean +- se) goes to agent_best.pt if it
@@ -205,16 +206,24 @@ def main():
             iteration, within = divmod(step, per_iteration)
             if step > 0 and within == 0 and len(progress["evaluated"]) < iteration:
                 evaluate(iteration - 1, step)   # the previous iteration has ended
-                progress["evaluated"].append(step)
                 progress.setdefault("round_ends", []).append(clock())
+                progress["evaluated"].append(step)
                 save()
-            ends = progress.get("round_ends")
-            if 0 < step < total and within == 0 and not round_fits(
-                    cfg.hours, world_s + clock(), ends if ends and len(ends) == iteration else None,
-                    progress.get("collect_s", 0.0)):
-                total = bar.total = step   # checked again on --resume: a larger --hours goes on from here
-                bar.write(f"--hours {cfg.hours:g}: at the last round's pace round {iteration} would end past it; "
-                          f"round {iteration - 1}'s policy is the last")
+            if 0 < step < total and within == 0 and cfg.hours:
+                if progress.get("hours_check", {}).get("step") != step:   # once a round: --resume keeps the decision
+                    ends = progress.get("round_ends")
+                    done = progress["collected"] >= iteration   # (run.py's pick: the round's data is in)
+                    progress["hours_check"] = dict(step=step, end_s=round_end_s(
+                        world_s + clock(), ends if ends and len(ends) == iteration else None,
+                        0.0 if done else progress.get("collect_s", 0.0)))
+                    if progress["hours_check"]["end_s"] is None:
+                        bar.write(f"--hours {cfg.hours:g}: this run kept no round times (it began before --hours); "
+                                  "its rounds are not limited")
+                end_s = progress["hours_check"]["end_s"]
+                if end_s is not None and end_s > cfg.hours * 3600:
+                    total = bar.total = step   # a larger --hours goes on from here
+                    bar.write(f"--hours {cfg.hours:g}: at the last round's pace round {iteration} would end after "
+                              f"{end_s / 3600:.2f} h; round {iteration - 1}'s policy is the last")
             if step == total:
                 if cfg.iterations and progress["collected"] < iteration:
                     collect(iteration)   # scores the last round's policy for agent_best.pt (its data stays)

@@ -428,19 +428,16 @@ def test_a_candidates_command_line_is_run_pys_with_its_own_directory_and_seed():
 # ---------------------------------------------------------------------------------------------------------------
 # 8. --hours: online rounds end where the next would not fit
 # ---------------------------------------------------------------------------------------------------------------
-def test_a_round_fits_the_hours_if_at_the_last_rounds_pace_it_and_its_scoring_end_within_them():
-    assert train_policy.round_fits(0, 1e9, [100.0, 250.0], 50.0)            # 0: no limit
-    assert train_policy.round_fits(1, 3400.0, [100.0, 250.0], 50.0)         # 3400 + 150 + 50 = 3600 s: just fits
-    assert not train_policy.round_fits(1, 3401.0, [100.0, 250.0], 50.0)
-    assert train_policy.round_fits(1, 3450.0, [100.0], 50.0)                # the first round: timed from 0
-    assert not train_policy.round_fits(1, 3451.0, [100.0], 50.0)
-    assert train_policy.round_fits(1, 1e9, None, 50.0)                      # a run that kept no pace
+def test_a_rounds_end_is_the_time_spent_plus_the_last_rounds_and_the_last_collections():
+    assert train_policy.round_end_s(3400.0, [100.0, 250.0], 50.0) == 3400 + 150 + 50
+    assert train_policy.round_end_s(3400.0, [100.0], 50.0) == 3400 + 100 + 50     # the first round: timed from 0
+    assert train_policy.round_end_s(3400.0, None, 50.0) is None                   # a run that kept no round times
 
 
 def test_hours_end_the_rounds_where_the_next_would_not_fit_and_a_larger_limit_goes_on(copied_run, stage):
     """The agent (round 0 done, 6 + 6 steps) resumed for two online rounds with a limit already spent: no round
     starts, one collection scores round 0's policy (agent_best.pt), and the same command again trains nothing;
-    without the limit it goes on to round 1."""
+    with a limit far off it plays both rounds."""
     def rounds():
         rows = [r for r in metrics(copied_run) if r["stage"] == "policy"]
         return ([r["iteration"] for r in rows if "eval_return" in r],
@@ -448,11 +445,23 @@ def test_hours_end_the_rounds_where_the_next_would_not_fit_and_a_larger_limit_go
                 torch.load(copied_run / "agent.pt", weights_only=True)["progress"]["step"])
     evaluated, collected, episodes, step = rounds()
     assert (evaluated, collected, step) == ([0], [], 12)
-    command = ["train_policy.py", *DISCRETE, "--run-dir", str(copied_run), "--resume", "--iterations", "2"]
+    command = ["train_policy.py", *DISCRETE, "--run-dir", str(copied_run), "--resume", "--iterations", "2", "--hours"]
     for _ in range(2):
-        result = stage(*command, "--hours", "1e-6")
+        result = stage(*command, "1e-6")
         assert result.returncode == 0, result.stderr[-3000:]
-        assert "round 1 would end past it; round 0's policy is the last" in result.stdout
+        assert "round 1 would end after" in result.stdout and "round 0's policy is the last" in result.stdout
         assert rounds() == ([0], [0], episodes + 1, 12) and (copied_run / "agent_best.pt").exists()
-    result = stage(*command[:-1], "1")
-    assert result.returncode == 0 and rounds() == ([0, 1], [0, 1], episodes + 2, 24), result.stderr[-3000:]
+    result = stage(*command, "1000")
+    assert result.returncode == 0 and rounds() == ([0, 1, 2], [0, 1, 2], episodes + 3, 36), result.stderr[-3000:]
+
+
+def test_the_pick_falls_back_to_the_last_round_every_candidate_scored(tmp_path):
+    """Candidates that --hours stopped before --pick-round (seed 0 after round 1, seed 1 after round 2): run.py
+    picks on round 1, the last both scored, not on each one's last."""
+    paths = {seed: tmp_path / f"{seed}.jsonl" for seed in (0, 1)}
+    for seed, returns in ((0, [5.0, 3.0]), (1, [1.0, 2.0, 100.0])):
+        paths[seed].write_text("".join(json.dumps(dict(stage="policy", step=10 * i, iteration=i, collect_return=r))
+                                       + "\n" for i, r in enumerate(returns)))
+    assert run_py.best_collecting(paths, 8) == (0, 1, {0: 3.0, 1: 2.0})
+    assert run_py.best_collecting(paths, 0) == (0, 0, {0: 5.0, 1: 1.0})
+    assert run_py.last_collected(tmp_path / "none.jsonl") == -1
