@@ -96,8 +96,8 @@ def main():
         progress = state["progress"]
         d4.restore_random_state(state["random"], rng, generator)
     clock = d4.Stopwatch(progress)
-    world_s = (d4.load_checkpoint(run_dir / "tokenizer.pt").get("elapsed_s", 0.0) +
-               dynamics_state.get("elapsed_s", 0.0))   # the world model's training time, for --hours
+    world_s = (d4.load_checkpoint(run_dir / "tokenizer.pt").get("elapsed_s", 0.0) +   # (a second read: only
+               dynamics_state.get("elapsed_s", 0.0)) if cfg.hours else 0.0            # --hours needs it)
     per_iteration = cfg.finetune_steps + cfg.imagination_steps
     total = per_iteration * (cfg.iterations + 1)
     if progress["step"] > total:   # (it would never reach its end)
