@@ -125,6 +125,10 @@
 #   python plot.py --run-dir docs/curves/recipe_wm5_agent5 docs/curves/recipe_wm5_agent6 \
 #     --out docs/online_curve_wm5.png \
 #     --title "world model 5, the recipe end to end: agent seeds 5 and 6, seed 6 picked after round 8 (CarRacing-v3, 20 episodes per point)"
+# This script end to end on world model 7 with --hours 2.9 (code of 847b67f, 7978570 and 222fb12; stopped with
+# Ctrl-C three times for the test suite and resumed with the same command; the limit ended it after round 11):
+#   /usr/bin/time -v sh docs/online_recipe.sh runs/recipe_seed7 7
+# Compact copies: docs/curves/recipe_wm7_agent7 (picked) and docs/curves/recipe_wm7_agent8 (to round 8).
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
