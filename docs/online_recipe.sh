@@ -129,6 +129,14 @@
 # Ctrl-C three times for the test suite and resumed with the same command; the limit ended it after round 11):
 #   /usr/bin/time -v sh docs/online_recipe.sh runs/recipe_seed7 7
 # Compact copies: docs/curves/recipe_wm7_agent7 (picked) and docs/curves/recipe_wm7_agent8 (to round 8).
+# The seed the pick left, continued alone from a copy of its round-8 checkpoint without the limit (code of 0fe18f3):
+#   cp -a runs/recipe_seed7/agent_seed8 runs/wm7_seed8_cont
+#   python train_policy.py --preset small --wandb disabled --pmpo-beta 0 --imagination-steps 400 \
+#     --run-dir runs/wm7_seed8_cont --seed 8 --iterations 16 --resume
+# Compact copy docs/curves/wm7_agent8_continued, and docs/results.md's figure:
+#   python plot.py --run-dir docs/curves/recipe_wm7_agent7 docs/curves/wm7_agent8_continued \
+#     --out docs/online_curve_wm7.png \
+#     --title "world model 7, --hours 2.9: seed 7 picked after round 8, seed 8 continued afterwards (20 episodes per point)"
 set -e
 cd "$(dirname "$0")/.."
 python run.py --preset small --run-dir "${1:-runs/recipe}" --wandb disabled --seed "${2:-0}" --resume \
