@@ -133,6 +133,8 @@
 #   cp -a runs/recipe_seed7/agent_seed8 runs/wm7_seed8_cont
 #   python train_policy.py --preset small --wandb disabled --pmpo-beta 0 --imagination-steps 400 \
 #     --run-dir runs/wm7_seed8_cont --seed 8 --iterations 16 --resume
+#   python evaluate.py --run-dir runs/wm7_seed8_cont --checkpoint agent_best.pt --seed 93 --episodes 30 \
+#     --policies trained,random --branches 0       # 30 fresh tracks, 10093-10122
 # Compact copy docs/curves/wm7_agent8_continued, and docs/results.md's figure:
 #   python plot.py --run-dir docs/curves/recipe_wm7_agent7 docs/curves/wm7_agent8_continued \
 #     --out docs/online_curve_wm7.png \
