@@ -46,9 +46,12 @@ def curve(run_dir, before_s=None):
 
 
 def nice_ticks(low, high, count=5):
+    """At most `count` round values (steps of 1, 2 or 5 times a power of ten) inside [low, high]: a tick past
+    high would sit outside the plot and its label run into the next panel."""
     step = 10 ** np.floor(np.log10(max(high - low, 1e-9) / count))
     step *= min((m for m in (1, 2, 5, 10) if (high - low) / (step * m) <= count), default=10)
-    return np.arange(np.ceil(low / step) * step, high + step / 2, step)
+    ticks = np.arange(np.ceil(low / step) * step, high + step / 2, step)
+    return ticks[ticks <= high + step * 1e-9]
 
 
 def panel(runs, axis, xlabel):

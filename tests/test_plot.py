@@ -31,6 +31,15 @@ def test_the_curve_reads_every_evaluation_with_the_earlier_stages_time(tmp_path)
     assert plot.curve(tmp_path, before_s=900)["hours"][0] == pytest.approx(0.75)
 
 
+def test_ticks_are_round_values_inside_the_axis_range():
+    assert plot.nice_ticks(0.0, 193_200.0).tolist() == [0, 50_000, 100_000, 150_000]   # not 200k past the end
+    assert plot.nice_ticks(-72.0, 131.0).tolist() == [-50, 0, 50, 100]
+    assert plot.nice_ticks(0.0, 4.0).tolist() == [0, 1, 2, 3, 4]   # the end itself is kept
+    for low, high in ((0.0, 3.7), (-93.5, 688.0), (0.0, 1.05e5), (0.2, 0.9)):
+        ticks = plot.nice_ticks(low, high)
+        assert 2 <= len(ticks) <= 5 and ticks.min() >= low and ticks.max() <= high
+
+
 def test_plot_writes_a_png_with_both_panels(tmp_path, stage):
     write_metrics(tmp_path)
     result = stage("plot.py", "--run-dir", str(tmp_path), "--out", str(tmp_path / "curve.png"))
