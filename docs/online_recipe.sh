@@ -128,6 +128,8 @@
 # This script end to end on world model 7 with --hours 2.9 (code of 847b67f, 7978570 and 222fb12; stopped with
 # Ctrl-C three times for the test suite and resumed with the same command; the limit ended it after round 11):
 #   /usr/bin/time -v sh docs/online_recipe.sh runs/recipe_seed7 7
+#   python evaluate.py --run-dir runs/recipe_seed7/agent_seed7 --checkpoint agent_best.pt --seed 93 --episodes 30 \
+#     --policies trained,random --branches 0       # 30 fresh tracks, 10093-10122
 # Compact copies: docs/curves/recipe_wm7_agent7 (picked) and docs/curves/recipe_wm7_agent8 (to round 8).
 # The seed the pick left, continued alone from a copy of its round-8 checkpoint without the limit (code of 0fe18f3):
 #   cp -a runs/recipe_seed7/agent_seed8 runs/wm7_seed8_cont
